@@ -1,0 +1,306 @@
+"""HF safetensors <-> Flax parameters, streaming one tensor at a time through the mapping table.
+
+Import reads each tensor with one pread and places it straight into its (sharded) device array; export gathers
+one parameter at a time, converts it to HF name/layout/dtype and streams it into sharded safetensors files. Neither
+direction ever holds a second full copy of the model in host memory.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from converters.safetensors_io import INDEX_NAME, SafetensorsDir, parse_size, plan_shards, write_file
+from converters.tables import ARCH_NAMES, IGNORED_HF, flax_path, hf_name, table_for
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.decoder import Decoder
+from sharding import named_shardings, path_str
+from sharding.tables import RULES_BY_MODEL_TYPE
+
+# Files besides the weights that make a directory loadable as-is by transformers and vLLM.
+AUX_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                "chat_template.*", "generation_config.json", "*.tiktoken")
+FLAX_PARAMS_DIR = "params"  # converted checkpoints: Orbax params under DST/params, HF config.json beside it
+
+
+def flat_params(params: dict) -> list[tuple[str, Any]]:
+    """Nested param dict -> [(path, leaf)] in tree order."""
+    return [(path_str(k), v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def abstract_model(cfg: ModelConfig, *, head: str, dtype, mesh=None, remat: bool = False):
+    """(graphdef, abstract params as nested dict of ShapeDtypeStruct with shardings) without allocating."""
+    model = nnx.eval_shape(lambda: Decoder(cfg, head=head, dtype=dtype, rngs=nnx.Rngs(0), mesh=mesh, remat=remat))
+    graphdef, state = nnx.split(model)
+    abstract = state.to_pure_dict()
+    if mesh is None:
+        dev = jax.devices()[0]
+        shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(dev), abstract)
+    else:
+        shardings = named_shardings(abstract, RULES_BY_MODEL_TYPE[cfg.model_type], mesh)
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract, shardings)
+    return graphdef, abstract
+
+
+def _unflatten(flat: dict[str, Any], like: dict) -> dict:
+    leaves = [flat[p] for p, _ in flat_params(like)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+
+
+def detect_head(path: str, hf_cfg: dict, tensor_names=()) -> tuple[str, str]:
+    """(head, value_head_prefix) of a checkpoint: ``score`` for *ForSequenceClassification or a value head."""
+    meta = hf_cfg.get("jaxrlhf", {})
+    if "head" in meta:
+        return meta["head"], "score"
+    archs = hf_cfg.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs) or "score.weight" in tensor_names:
+        return "score", "score"
+    if "value_head.weight" in tensor_names:
+        return "score", "value_head"
+    return "lm", "score"
+
+
+def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, value_head_prefix: str = "score",
+                   init_missing_score: jax.Array | None = None, progress: bool = False) -> dict:
+    """Read every tensor the model needs from ``src`` into arrays with ``abstract``'s shapes, dtypes, shardings.
+
+    Errors name the tensor: missing, unexpected (present but unused) or mis-shaped. ``init_missing_score`` (a PRNG
+    key) allows a missing score head (a critic initialised from a causal LM), drawn with std 1/(D+1).
+    """
+    table = table_for(cfg.model_type)
+    rename = {f"{value_head_prefix}.weight": "score.weight"} if value_head_prefix != "score" else {}
+    by_table_name = {rename.get(n, n): n for n in src.tensors}
+    wanted = flat_params(abstract)
+    used: set[str] = set()
+    out: dict[str, jax.Array] = {}
+    bar = tqdm(total=sum(a.size * a.dtype.itemsize for _, a in wanted), unit="B", unit_scale=True,
+               desc="load", disable=not progress, file=sys.stderr)
+    for path, a in wanted:
+        name, transpose = hf_name(table, path)
+        if name not in by_table_name:
+            if path == "score/kernel" and init_missing_score is not None:
+                std = 1.0 / (cfg.hidden_size + 1)
+                out[path] = jax.device_put(
+                    (std * jax.random.normal(init_missing_score, a.shape, jnp.float32)).astype(a.dtype), a.sharding)
+                continue
+            raise ValueError(f"{src.path}: tensor {name!r} (for {path}) is missing from the checkpoint")
+        file_name = by_table_name[name]
+        used.add(file_name)
+        host = src.read(file_name)
+        if transpose:
+            host = host.T
+        if tuple(host.shape) != tuple(a.shape):
+            hf_shape = tuple(reversed(a.shape)) if transpose else tuple(a.shape)
+            raise ValueError(f"{src.path}: tensor {file_name!r} has shape {src.tensors[file_name].shape}, "
+                             f"the config implies {hf_shape}")
+        out[path] = jax.make_array_from_callback(a.shape, a.sharding,
+                                                 lambda idx, h=host, dt=a.dtype: np.asarray(h[idx], dtype=dt))
+        bar.update(a.size * a.dtype.itemsize)
+        del host
+    bar.close()
+    ignorable = set()
+    for n in src.tensors:
+        if any(p.search(n) for p in IGNORED_HF):
+            ignorable.add(n)
+        elif n == "lm_head.weight" and (cfg.tie_word_embeddings or "score/kernel" in out):
+            ignorable.add(n)  # tied copy, or a critic/RM initialised from a causal LM
+    unexpected = sorted(set(src.tensors) - used - ignorable)
+    if unexpected:
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ValueError(f"{src.path}: unexpected tensor(s) {unexpected[:5]}{more} that the {cfg.model_type} "
+                         "model does not use: wrong model_type in config.json, or a head this loader does not know")
+    return _unflatten(out, abstract)
+
+
+def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, array)`` in HF layout, one parameter at a time, gathered to this host.
+
+    The rollout weight sync and the exporter both consume this. ``dtype`` casts (e.g. to the engine dtype).
+    """
+    table = table_for(cfg.model_type)
+    for path, arr in flat_params(params):
+        name, transpose = hf_name(table, path)
+        host = np.asarray(jax.device_get(arr))
+        if transpose:
+            host = np.ascontiguousarray(host.T)
+        if dtype is not None:
+            host = host.astype(dtype, copy=False)
+        yield name, host
+
+
+def _hf_specs(params: dict, cfg: ModelConfig, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    table = table_for(cfg.model_type)
+    specs = []
+    for path, arr in flat_params(params):
+        name, transpose = hf_name(table, path)
+        shape = tuple(reversed(arr.shape)) if transpose else tuple(arr.shape)
+        specs.append((name, np.dtype(dtype or arr.dtype), shape))
+    return specs
+
+
+@contextmanager
+def atomic_output_dir(dst: str, *, overwrite: bool = False):
+    """Yield a temporary sibling directory that becomes ``dst`` only if the block finishes.
+
+    An interrupted or failed write leaves nothing at ``dst`` (only a ``*.partial-PID`` directory on a hard kill,
+    which no loader mistakes for a checkpoint).
+    """
+    dst = os.path.abspath(dst.rstrip("/"))
+    if os.path.exists(dst) and not overwrite:
+        raise FileExistsError(f"{dst} already exists: choose a new path or pass --overwrite")
+    tmp = f"{dst}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(dst):
+        old = f"{dst}.old-{os.getpid()}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+def copy_aux_files(src: str | None, dst: str) -> None:
+    """Copy tokenizer and generation-config files from ``src`` (an HF or converted directory)."""
+    if not src:
+        return
+    for pat in AUX_PATTERNS:
+        for fn in glob.glob(os.path.join(src, pat)):
+            if os.path.isfile(fn):
+                shutil.copy2(fn, os.path.join(dst, os.path.basename(fn)))
+
+
+def hf_config_for_export(cfg: ModelConfig, *, head: str, dtype, extra: dict | None = None) -> dict:
+    hf = {k: v for k, v in cfg.hf_config.items() if k not in ("jaxrlhf", "torch_dtype")}
+    stem = ARCH_NAMES[cfg.model_type]
+    if head == "score":
+        hf["architectures"] = [f"{stem}ForSequenceClassification"]
+        hf["num_labels"] = 1
+        hf["id2label"], hf["label2id"] = {"0": "LABEL_0"}, {"LABEL_0": 0}
+    else:
+        hf["architectures"] = [f"{stem}ForCausalLM"]
+    hf["dtype"] = np.dtype(dtype).name if np.dtype(dtype) != np.dtype(jnp.bfloat16) else "bfloat16"
+    hf.update(extra or {})
+    return hf
+
+
+def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None, max_shard_size="5GB",
+              aux_from: str | None = None, extra_config: dict | None = None, overwrite: bool = False,
+              progress: bool = False) -> str:
+    """Write ``params`` as an HF directory (sharded safetensors + index, config, generation config, tokenizer)."""
+    specs = _hf_specs(params, cfg, dtype)
+    out_dtype = specs[0][1]
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    by_name = {name: (path, arr) for (path, arr), (name, _, _) in zip(flat_params(params), specs)}
+    table = table_for(cfg.model_type)
+
+    def produce(name: str) -> np.ndarray:
+        path, arr = by_name[name]
+        host = np.asarray(jax.device_get(arr))
+        if hf_name(table, path)[1]:
+            host = np.ascontiguousarray(host.T)
+        return host.astype(dict((s[0], s[1]) for s in specs)[name], copy=False)
+
+    total = sum(int(np.prod(s[2], dtype=np.int64)) * s[1].itemsize for s in specs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr)
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_file(os.path.join(tmp, fname), shard, produce, on_tensor=bar.update)
+            weight_map.update({s[0]: fname for s in shard})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        copy_aux_files(aux_from, tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config_for_export(cfg, head=head, dtype=out_dtype, extra=extra_config), f, indent=2)
+        if not os.path.exists(os.path.join(tmp, "generation_config.json")):
+            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if getattr(cfg, k) is not None}
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump(gen, f, indent=2)
+    bar.close()
+    return dst
+
+
+# ---------------------------------------------------------------- converted (Flax / Orbax) checkpoints
+def save_flax(params: dict, cfg: ModelConfig, dst: str, *, head: str, aux_from: str | None = None,
+              overwrite: bool = False) -> str:
+    """A converted checkpoint: Orbax params (sharded as they are) + the HF config and tokenizer files."""
+    import orbax.checkpoint as ocp
+
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, FLAX_PARAMS_DIR), params)
+        ckptr.wait_until_finished()
+        copy_aux_files(aux_from, tmp)
+        hf = dict(cfg.hf_config)
+        dt = jax.tree_util.tree_leaves(params)[0].dtype
+        hf["jaxrlhf"] = {"head": head, "format": 1, "dtype": str(dt)}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+    return dst
+
+
+def load_flax_params(path: str, abstract: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(os.path.join(path, FLAX_PARAMS_DIR), abstract)
+
+
+def is_flax_checkpoint(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, FLAX_PARAMS_DIR))
+
+
+# ---------------------------------------------------------------- the one loader
+def load(path: str, *, mesh=None, dtype=None, head: str | None = None, value_head_prefix: str | None = None,
+         remat: bool = False, seed: int = 0, progress: bool = False):
+    """Load an HF directory or a converted checkpoint -> (Decoder, ModelConfig, head).
+
+    ``dtype`` None keeps the checkpoint's dtype. ``head`` None detects it ("score" for *ForSequenceClassification or
+    an OpenRLHF value head); ``head="score"`` on a causal-LM checkpoint builds a critic with a fresh value head.
+    """
+    cfg = ModelConfig.from_dir(path)
+    flax_ckpt = is_flax_checkpoint(path)
+    src = None if flax_ckpt else SafetensorsDir(path)
+    found_head, found_prefix = detect_head(path, cfg.hf_config, () if src is None else src.tensors)
+    want_head = head or found_head
+    prefix = value_head_prefix or found_prefix
+    if flax_ckpt:
+        stored = jnp.dtype(cfg.hf_config["jaxrlhf"].get("dtype", "float32"))
+    else:
+        stored = src.tensors["model.embed_tokens.weight"].dtype if "model.embed_tokens.weight" in src.tensors \
+            else np.dtype(np.float32)
+    param_dtype = jnp.dtype(dtype) if dtype is not None else jnp.dtype(stored)
+    graphdef, abstract = abstract_model(cfg, head=want_head, dtype=param_dtype, mesh=mesh, remat=remat)
+    if flax_ckpt:
+        if want_head != found_head:
+            raise ValueError(f"{path} is a converted '{found_head}' checkpoint; cannot load it with head={want_head!r}")
+        stored_abs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, stored, sharding=a.sharding),
+                                            abstract)
+        params = load_flax_params(path, stored_abs)
+        if stored != param_dtype:
+            params = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), params)
+    else:
+        init_key = jax.random.key(seed) if (want_head == "score" and found_head == "lm") else None
+        params = load_hf_params(src, cfg, abstract, value_head_prefix=prefix, init_missing_score=init_key,
+                                progress=progress)
+    return nnx.merge(graphdef, params), cfg, want_head

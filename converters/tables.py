@@ -1,0 +1,83 @@
+"""HF <-> Flax tensor mapping tables, one per architecture, used in both directions.
+
+Each row maps an HF tensor-name template to a Flax parameter-path template; ``{i}``-style fields match one name
+component and carry over. ``transpose`` says the 2-D layouts differ (HF Linear ``[out, in]``, Flax kernel
+``[in, out]``). Import, export and the rollout weight sync all go through :func:`hf_name` / :func:`flax_path`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    hf: str
+    flax: str
+    transpose: bool
+
+
+LLAMA_FAMILY: tuple[TensorMap, ...] = (
+    TensorMap("model.embed_tokens.weight", "model/embed_tokens/embedding", False),
+    TensorMap("model.layers.{i}.self_attn.{p}_proj.weight", "model/layers/{i}/self_attn/{p}_proj/kernel", True),
+    TensorMap("model.layers.{i}.self_attn.{p}_proj.bias", "model/layers/{i}/self_attn/{p}_proj/bias", False),
+    TensorMap("model.layers.{i}.self_attn.{p}_norm.weight", "model/layers/{i}/self_attn/{p}_norm/scale", False),
+    TensorMap("model.layers.{i}.mlp.{p}_proj.weight", "model/layers/{i}/mlp/{p}_proj/kernel", True),
+    TensorMap("model.layers.{i}.mlp.{p}_proj.bias", "model/layers/{i}/mlp/{p}_proj/bias", False),
+    TensorMap("model.layers.{i}.{n}_layernorm.weight", "model/layers/{i}/{n}_layernorm/scale", False),
+    TensorMap("model.norm.weight", "model/norm/scale", False),
+    TensorMap("lm_head.weight", "lm_head/kernel", True),
+    # Scalar head of critics / reward models: HF *ForSequenceClassification calls it `score`, OpenRLHF
+    # `value_head` (its --value_head_prefix); the prefix is renamed to `score` before lookup.
+    TensorMap("score.weight", "score/kernel", True),
+)
+
+TABLES: dict[str, tuple[TensorMap, ...]] = {t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")}
+
+# HF class-name stem per model_type, for the exported config's "architectures".
+ARCH_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+# Non-parameter buffers some older checkpoints carry; skipped on import.
+IGNORED_HF = (re.compile(r"rotary_emb\.inv_freq$"),)
+
+
+def _compile(template: str, sep: str) -> re.Pattern:
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out += re.escape(template[pos:m.start()]) + f"(?P<{m.group(1)}>[^{re.escape(sep)}]+)"
+        pos = m.end()
+    return re.compile(out + re.escape(template[pos:]))
+
+
+_COMPILED: dict[int, list[tuple[re.Pattern, re.Pattern, TensorMap]]] = {}
+
+
+def _rows(table: tuple[TensorMap, ...]):
+    key = id(table)
+    if key not in _COMPILED:
+        _COMPILED[key] = [(_compile(r.hf, "."), _compile(r.flax, "/"), r) for r in table]
+    return _COMPILED[key]
+
+
+def table_for(model_type: str) -> tuple[TensorMap, ...]:
+    if model_type not in TABLES:
+        raise ValueError(f"no converter table for model_type {model_type!r}; supported: {', '.join(sorted(TABLES))}")
+    return TABLES[model_type]
+
+
+def flax_path(table, hf: str) -> tuple[str, bool] | None:
+    """HF tensor name -> (Flax path, transpose), or None when no row matches."""
+    for hf_re, _, row in _rows(table):
+        m = hf_re.fullmatch(hf)
+        if m:
+            return row.flax.format(**m.groupdict()), row.transpose
+    return None
+
+
+def hf_name(table, path: str) -> tuple[str, bool]:
+    """Flax path -> (HF tensor name, transpose); a path no row maps is an error."""
+    for _, fx_re, row in _rows(table):
+        m = fx_re.fullmatch(path)
+        if m:
+            return row.hf.format(**m.groupdict()), row.transpose
+    raise ValueError(f"Flax parameter {path!r} has no HF name in the converter table: add a row to converters/tables.py")

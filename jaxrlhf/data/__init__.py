@@ -1,0 +1,36 @@
+"""Data layer: tokenizers, dataset sources and blending, prompt datasets, padding and batch order.
+
+    from jaxrlhf.data import load_tokenizer, blend, PromptDataset, BatchIterator, left_pad
+
+Submodules: tokenizer (load_tokenizer, build_tiny_tokenizer), sources (load_records, blend), prompts
+(PromptDataset), loader (left_pad, right_pad, BatchIterator). `loader` needs only NumPy; the names from the other
+submodules are imported on first use so that `jaxrlhf.data.loader` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jaxrlhf.data.loader import BatchIterator, left_pad, right_pad
+
+_LAZY = {
+    "build_tiny_tokenizer": "jaxrlhf.data.tokenizer",
+    "load_tokenizer": "jaxrlhf.data.tokenizer",
+    "DEFAULT_CHARS": "jaxrlhf.data.tokenizer",
+    "DEFAULT_CHAT_TEMPLATE": "jaxrlhf.data.tokenizer",
+    "load_records": "jaxrlhf.data.sources",
+    "blend": "jaxrlhf.data.sources",
+    "split_specs": "jaxrlhf.data.sources",
+    "parse_probs": "jaxrlhf.data.sources",
+    "PromptDataset": "jaxrlhf.data.prompts",
+    "PromptItem": "jaxrlhf.data.prompts",
+    "truncate_left": "jaxrlhf.data.prompts",
+}
+
+__all__ = ["BatchIterator", "left_pad", "right_pad", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'jaxrlhf.data' has no attribute '{name}'")

@@ -1,0 +1,154 @@
+"""Model configuration read from a Hugging Face ``config.json`` (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# model_type -> what differs inside the shared Llama-family decoder.
+#   qkv_bias: q/k/v projections carry a bias regardless of config (Qwen2);
+#   qk_norm:  RMSNorm over head_dim on q and k before RoPE (Qwen3).
+FAMILIES: dict[str, dict[str, bool]] = {
+    "llama": {"qkv_bias": False, "qk_norm": False},
+    "mistral": {"qkv_bias": False, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "qk_norm": False},
+    "qwen3": {"qkv_bias": False, "qk_norm": True},
+}
+ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the Flax decoder needs, plus the original HF config dict for export."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # bias on q, k, v projections
+    o_bias: bool = False  # bias on the output projection (Llama attention_bias)
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # per-layer sliding attention window (None = full attention)
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    hf_config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def num_params(self) -> int:
+        d, f, v, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+        attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_word_embeddings else 2) + L * per_layer + d
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: jaxrlhf supports {', '.join(sorted(FAMILIES))} "
+                "(Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3)"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{model_type}: hidden_act {act!r} is not supported (only 'silu')")
+        fam = FAMILIES[model_type]
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = hf.get("rope_scaling") or {}
+        rope = {**legacy, **rope}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"{model_type}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        L = hf["num_hidden_layers"]
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=L,
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_type=rope_type,
+            rope_factor=float(rope.get("factor", 1.0)),
+            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=fam["qkv_bias"] or bool(hf.get("attention_bias", False)),
+            o_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=fam["qk_norm"],
+            sliding_windows=_sliding_windows(model_type, hf, L),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            hf_config=dict(hf),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model directory")
+        with open(cfg_path) as f:
+            return cls.from_hf_dict(json.load(f))
+
+    def inv_freq(self):
+        """RoPE inverse frequencies ``theta^(-2i/d)``, with llama3 / linear scaling applied (NumPy, float64)."""
+        import numpy as np
+
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        if self.rope_type == "linear":
+            inv = inv / self.rope_factor
+        elif self.rope_type == "llama3":
+            # Llama 3.1 scaling: long wavelengths are divided by `factor`, short ones kept, smooth in between.
+            old = self.rope_original_max_positions
+            low_wl = old / self.rope_low_freq_factor
+            high_wl = old / self.rope_high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wl, inv / self.rope_factor, inv)
+            smooth = (old / wavelen - self.rope_low_freq_factor) / (
+                self.rope_high_freq_factor - self.rope_low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.rope_factor + smooth * scaled
+            medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+            inv = np.where(medium, smoothed, scaled)
+        return inv
+
+
+def _sliding_windows(model_type: str, hf: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if model_type == "mistral":
+        return (window,) * num_layers
+    if layer_types:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if hf.get("use_sliding_window") and window:
+        first_full = hf.get("max_window_layers", num_layers)
+        return tuple(window if i >= first_full else None for i in range(num_layers))
+    return (None,) * num_layers

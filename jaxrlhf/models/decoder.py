@@ -1,0 +1,247 @@
+"""Flax NNX decoder for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3).
+
+Parameter names mirror Hugging Face's module tree (``model/layers/{i}/self_attn/q_proj/kernel`` ...) so the
+converter table stays a plain rename + transpose. Kernels are stored ``[in, out]`` (HF Linear weights are
+``[out, in]``).
+
+Shapes: B batch, T query length, S key length (cache slots), D hidden, H query heads, K kv heads, G = H / K,
+E head_dim, V vocab.
+
+Computation follows the parameters' dtype (cast parameters to bf16 for bf16 compute); RMSNorm statistics, RoPE
+tables, attention softmax and the final logits are fp32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jaxrlhf.models.config import ModelConfig
+from sharding import BATCH, constrain
+
+Cache = dict[str, Any]  # {"k": [L x [B,S,K,E]], "v": [...], "mask": [B,S] int32, "index": int32 scalar}
+_NEG = -1e30
+
+
+class Linear(nnx.Module):
+    def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (din, dout), dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = x @ self.kernel[...]
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, statistics in fp32, result cast back to the input dtype."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * x32.astype(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions_bt):
+    """cos/sin ``[B, T, E]`` for rotate-half RoPE at integer ``positions_bt`` (fp32)."""
+    inv = jnp.asarray(cfg.inv_freq(), jnp.float32)  # [E/2]
+    freqs = positions_bt.astype(jnp.float32)[..., None] * inv  # [B, T, E/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_btne, cos_bte, sin_bte):
+    """``x*cos + rotate_half(x)*sin`` with ``rotate_half([a, b]) = [-b, a]`` (HF's non-interleaved layout)."""
+    half = x_btne.shape[-1] // 2
+    rot = jnp.concatenate([-x_btne[..., half:], x_btne[..., :half]], axis=-1)
+    cos, sin = cos_bte[:, :, None, :].astype(x_btne.dtype), sin_bte[:, :, None, :].astype(x_btne.dtype)
+    return x_btne * cos + rot * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, window: int | None, *, dtype, rngs: nnx.Rngs):
+        D, H, K, E = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(D, H * E, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(D, K * E, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(D, K * E, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(H * E, D, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(E, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(E, cfg.rms_norm_eps, dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.cfg, self.window = cfg, window
+
+    def __call__(self, x_btd, cos, sin, q_slots_t, kv, kv_mask_bs, kv_slots_s):
+        """Attend from the T new tokens (at cache slots ``q_slots_t``) to S keys.
+
+        ``kv`` is None (keys are the new tokens themselves) or a ``(k_bske, v_bske, index)`` cache to write into.
+        ``kv_mask_bs`` marks real keys; attention is causal in slot order and, with a window, local.
+        Returns the output and the updated (k, v) cache entry (or None).
+        """
+        cfg = self.cfg
+        B, T, _ = x_btd.shape
+        H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = self.q_proj(x_btd).reshape(B, T, H, E)
+        k = self.k_proj(x_btd).reshape(B, T, K, E)
+        v = self.v_proj(x_btd).reshape(B, T, K, E)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, index = kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            new_kv = (k, v)
+        q = q.reshape(B, T, K, H // K, E)
+        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores * (E**-0.5)
+        allowed = kv_slots_s[None, :] <= q_slots_t[:, None]  # [T, S] causal
+        if self.window is not None:
+            allowed = allowed & (q_slots_t[:, None] - kv_slots_s[None, :] < self.window)
+        allowed = allowed[None] & (kv_mask_bs[:, None, :] > 0)  # [B, T, S]
+        scores = jnp.where(allowed[:, None, None], scores, _NEG)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, H * E)
+        return self.o_proj(out), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, F, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Linear(D, F, bias=b, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(D, F, bias=b, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(F, D, bias=b, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.self_attn = Attention(cfg, window, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, q_slots, kv, kv_mask, kv_slots):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, kv, kv_mask, kv_slots)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+class Backbone(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+
+
+class Decoder(nnx.Module):
+    """Causal LM (``head="lm"``) or scalar-score model (``head="score"``: critic / reward model).
+
+    ``mesh`` (optional) is used only to constrain activations: batch over (data, fsdp).
+    ``remat`` recomputes each layer's activations in the backward pass (gradient checkpointing).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, head: str = "lm", dtype=jnp.float32, rngs: nnx.Rngs,
+                 mesh=None, remat: bool = False):
+        if head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
+        self.cfg, self.head, self.mesh, self.remat = cfg, head, mesh, remat
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        has_lm_head = head == "lm" and not cfg.tie_word_embeddings
+        self.lm_head = (Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+                        if has_lm_head else None)
+        # OpenRLHF initialises the value head with std 1/(D+1).
+        self.score = (Linear(cfg.hidden_size, 1, bias=False, dtype=dtype, rngs=rngs, std=1.0 / (cfg.hidden_size + 1))
+                      if head == "score" else None)
+
+    # ------------------------------------------------------------------ trunk
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache: Cache | None = None):
+        """Final-norm hidden states ``[B, T, D]`` and the updated cache (None without a cache)."""
+        B, T = input_ids_bt.shape
+        if attention_mask_bt is None:
+            attention_mask_bt = jnp.ones((B, T), jnp.int32)
+        attention_mask_bt = attention_mask_bt.astype(jnp.int32)
+        if positions_bt is None:
+            positions_bt = default_positions(attention_mask_bt)
+            if cache is not None:
+                raise ValueError("pass explicit positions when decoding with a cache")
+        cos, sin = rope_tables(self.cfg, positions_bt)
+        if cache is None:
+            q_slots = kv_slots = jnp.arange(T)
+            kv_mask = attention_mask_bt
+        else:
+            index = cache["index"]
+            q_slots = index + jnp.arange(T)
+            kv_slots = jnp.arange(cache["mask"].shape[1])
+            kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask_bt, (0, index))
+        x = self.model.embed_tokens(input_ids_bt)
+        x = constrain(x, self.mesh, P(BATCH, None, None))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.layers):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
+            call = nnx.remat(Block.__call__) if self.remat else Block.__call__
+            x, upd = call(layer, x, cos, sin, q_slots, kv, kv_mask, kv_slots)
+            x = constrain(x, self.mesh, P(BATCH, None, None))
+            if upd is not None:
+                new_k.append(upd[0])
+                new_v.append(upd[1])
+        x = self.model.norm(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_k, "v": new_v, "mask": kv_mask, "index": cache["index"] + T}
+        return x, new_cache
+
+    def logits(self, h_btd):
+        """Vocabulary logits ``[B, T, V]`` in fp32 from hidden states."""
+        if self.lm_head is not None:
+            w = self.lm_head.kernel[...]
+        else:
+            w = self.model.embed_tokens.embedding[...].T
+        return jnp.einsum("btd,dv->btv", h_btd, w.astype(h_btd.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
+        """Logits ``[B, T, V]`` (head "lm") or per-token scores ``[B, T]`` (head "score"), fp32."""
+        h, _ = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt)
+        if self.head == "score":
+            return (h @ self.score.kernel[...].astype(h.dtype))[..., 0].astype(jnp.float32)
+        return self.logits(h)
+
+    def decode(self, input_ids_bt, attention_mask_bt, positions_bt, cache: Cache):
+        """Cached forward: write the T new tokens into ``cache`` and return (logits ``[B, T, V]``, new cache)."""
+        h, cache = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt, cache)
+        return self.logits(h), cache
+
+
+def default_positions(attention_mask_bt):
+    """Positions that skip left padding: ``cumsum(mask) - 1`` clipped at 0 (pads get position 0)."""
+    return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
+    """An empty KV cache with ``max_len`` slots per row."""
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "mask": jnp.zeros((batch, max_len), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def last_token_values(values_bt, mask_bt):
+    """Score at each row's last real token (works for left and right padding): ``values[b, max{t: mask=1}]``."""
+    T = mask_bt.shape[-1]
+    idx = T - 1 - jnp.argmax(jnp.flip(mask_bt, axis=-1) > 0, axis=-1)
+    return jnp.take_along_axis(values_bt, idx[:, None], axis=-1)[:, 0]

@@ -1,0 +1,131 @@
+"""Parse `--mesh` strings and build the (data, fsdp, tensor) device mesh.
+
+Axis names are fixed: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (parameters, gradients and
+optimizer state sharded: the ZeRO-3 equivalent; the batch is split over it too) and ``tensor`` (Megatron-style
+tensor parallelism inside a layer). Every mesh has all three axes, a missing one has size 1, so partition rules never
+need to know which axes a run uses.
+
+Axis types: we build the mesh with ``AxisType.Auto`` on every axis. jax >= 0.10 ``make_mesh`` defaults to Explicit
+axes, where every array carries its sharding in its type and many ops demand the user resolve shardings by hand.
+jaxrlhf places parameters and batches explicitly (jit in/out shardings, ``with_sharding_constraint`` on activations)
+and lets XLA's sharding propagation (GSPMD / Shardy) handle the rest; that is Auto mode. It behaves the same on
+jax 0.10 and 0.11.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+AXES = ("data", "fsdp", "tensor")
+# PartitionSpec entry for the batch dimension: split over every data-like axis.
+BATCH = ("data", "fsdp")
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """Sizes of the three mesh axes."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    def __str__(self) -> str:
+        return "x".join(str(s) for s in self.shape) if self.data > 1 else f"{self.fsdp}x{self.tensor}"
+
+
+def parse_mesh(text: str) -> MeshSpec:
+    """Parse a mesh string.
+
+    ``"8"`` -> fsdp=8; ``"4x2"`` -> fsdp=4 x tensor=2; ``"2x2x2"`` -> data=2 x fsdp=2 x tensor=2;
+    ``"data=2,fsdp=2,tensor=2"`` names the axes (any subset, any order).
+    """
+    s = text.strip().lower()
+    if "=" in s:
+        sizes: dict[str, int] = {}
+        for part in s.split(","):
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in AXES:
+                raise ValueError(f"mesh {text!r}: unknown axis {name!r}; axes are {', '.join(AXES)}")
+            if name in sizes:
+                raise ValueError(f"mesh {text!r}: axis {name!r} given twice")
+            sizes[name] = _positive(value, text)
+        return MeshSpec(**sizes)
+    if not re.fullmatch(r"\d+(x\d+){0,2}", s):
+        raise ValueError(
+            f"mesh {text!r} is not understood: write FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2) or "
+            "data=2,fsdp=2,tensor=2"
+        )
+    dims = [_positive(d, text) for d in s.split("x")]
+    if len(dims) == 1:
+        return MeshSpec(fsdp=dims[0])
+    if len(dims) == 2:
+        return MeshSpec(fsdp=dims[0], tensor=dims[1])
+    return MeshSpec(data=dims[0], fsdp=dims[1], tensor=dims[2])
+
+
+def _positive(value: str, text: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"mesh {text!r}: axis size {value!r} is not an integer") from None
+    if n < 1:
+        raise ValueError(f"mesh {text!r}: axis sizes must be >= 1, got {n}")
+    return n
+
+
+def _accelerator_present() -> bool:
+    """Best guess, before jax starts, whether this machine has a GPU or TPU jax will use."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() not in ("cpu", "")
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio"):
+        return True
+    return False
+
+
+def use_host_devices(spec: MeshSpec | str) -> None:
+    """On a machine without accelerators, make the CPU look like ``spec.size`` devices.
+
+    Sets ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``. XLA reads the flag when jax creates its CPU
+    client (the first ``jax.devices()``), so this works after ``import jax`` as long as no device was touched yet.
+    A count already set in XLA_FLAGS is left alone. No-op where a GPU/TPU is present.
+    """
+    if isinstance(spec, str):
+        spec = parse_mesh(spec)
+    if _accelerator_present():
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={spec.size}".strip()
+
+
+def make_mesh(spec: MeshSpec | str, devices=None):
+    """Build a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), all of type Auto (see module docstring).
+
+    ``devices`` defaults to all devices of all processes. The tensor axis is the fastest-varying one, so on a
+    multi-GPU host it stays inside the host's NVLink domain.
+    """
+    import jax
+    from jax.sharding import AxisType
+
+    if isinstance(spec, str):
+        spec = parse_mesh(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    if spec.size != len(devices):
+        raise ValueError(
+            f"mesh {spec} needs {spec.size} devices, {len(devices)} available: pick a mesh whose product is "
+            f"{len(devices)}" + (" (on a CPU machine, set the mesh before jax touches a device)" if
+                                 devices[0].platform == "cpu" else "")
+        )
+    return jax.make_mesh(spec.shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

@@ -1,0 +1,33 @@
+"""Partition rule tables, one per architecture (first match wins; see rules.py).
+
+Llama family layout (kernels are [in, out]): column-parallel projections (q/k/v, gate/up, lm_head) split their
+input dim over ``fsdp`` and their output dim over ``tensor``; row-parallel ones (o, down) the other way round, so
+a layer needs one all-reduce over ``tensor`` after attention and one after the MLP. The embedding splits the vocab
+over ``tensor`` and hidden over ``fsdp``. Norm scales and small biases are replicated on purpose (listed rules,
+not a fallback).
+"""
+from jax.sharding import PartitionSpec as P
+
+from sharding.rules import PartitionRules
+
+LLAMA_FAMILY = PartitionRules(
+    "llama-family",
+    (
+        (r"embed_tokens/embedding$", P("tensor", "fsdp")),
+        (r"self_attn/(q|k|v)_proj/kernel$", P("fsdp", "tensor")),
+        (r"self_attn/(q|k|v)_proj/bias$", P("tensor")),
+        (r"self_attn/o_proj/kernel$", P("tensor", "fsdp")),
+        (r"self_attn/o_proj/bias$", P()),
+        (r"self_attn/(q|k)_norm/scale$", P()),
+        (r"mlp/(gate|up)_proj/kernel$", P("fsdp", "tensor")),
+        (r"mlp/(gate|up)_proj/bias$", P("tensor")),
+        (r"mlp/down_proj/kernel$", P("tensor", "fsdp")),
+        (r"mlp/down_proj/bias$", P()),
+        (r"(input_layernorm|post_attention_layernorm|model/norm)/scale$", P()),
+        (r"^lm_head/kernel$", P("fsdp", "tensor")),
+        (r"^score/kernel$", P("fsdp", None)),
+    ),
+)
+
+# model_type -> rule table.
+RULES_BY_MODEL_TYPE = {t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")}
