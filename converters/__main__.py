@@ -1,0 +1,81 @@
+"""CLI: ``python -m converters hf-to-flax SRC DST`` / ``python -m converters flax-to-hf SRC DST``.
+
+hf-to-flax reads an HF safetensors directory tensor by tensor into (optionally mesh-sharded) arrays and writes a
+converted checkpoint (Orbax params + config + tokenizer). flax-to-hf writes an HF directory (sharded safetensors,
+index, config.json, generation_config.json, tokenizer) that transformers and vLLM load as-is. Both write into a
+temporary directory renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(text: str):
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[text]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m converters", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-flax", help="HF safetensors directory -> converted jaxrlhf checkpoint")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--mesh", default=None, help="load sharded over this mesh (e.g. 4x2); default: one device")
+    a.add_argument("--dtype", type=_dtype, default=None, help="cast parameters (default: keep the checkpoint's)")
+    a.add_argument("--head", choices=("lm", "score"), default=None,
+                   help="model head (default: detected; 'score' on a causal LM adds a fresh value head)")
+    a.add_argument("--value_head_prefix", default=None, help="score tensor prefix: score (HF) or value_head (OpenRLHF)")
+    a.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    b = sub.add_parser("flax-to-hf", help="converted jaxrlhf checkpoint (or HF directory) -> HF directory")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--dtype", type=_dtype, default=None, help="dtype of the written tensors (default: as stored)")
+    b.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    b.add_argument("--mesh", default=None, help="load sharded over this mesh (default: one device)")
+    b.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sharding import make_mesh, use_host_devices
+
+    if args.mesh:
+        use_host_devices(args.mesh)  # before jax touches a device
+    from converters.hf import export_hf, load, save_flax
+
+    t0 = time.perf_counter()
+    try:
+        mesh = make_mesh(args.mesh) if args.mesh else None
+        if args.command == "hf-to-flax":
+            model, cfg, head = load(args.src, mesh=mesh, dtype=args.dtype, head=args.head,
+                                    value_head_prefix=args.value_head_prefix, progress=not args.quiet)
+            from flax import nnx
+
+            save_flax(nnx.state(model).to_pure_dict(), cfg, args.dst, head=head, aux_from=args.src,
+                      overwrite=args.overwrite)
+        else:
+            model, cfg, head = load(args.src, mesh=mesh, progress=not args.quiet)
+            from flax import nnx
+
+            export_hf(nnx.state(model).to_pure_dict(), cfg, args.dst, head=head, dtype=args.dtype,
+                      max_shard_size=args.max_shard_size, aux_from=args.src, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({args.command}, {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Tiny random Hugging Face models of every supported family, saved as real safetensors directories."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+# name -> (config class, model_type-specific overrides); covers every feature the decoder claims.
+FAMILIES = {
+    "llama3": (transformers.LlamaConfig, dict(rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, rope_theta=500000.0)),
+    "llama3.2-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
+    "llama2-bias": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True, num_key_value_heads=4)),
+    "mistral-window": (transformers.MistralConfig, dict(sliding_window=4, head_dim=16)),
+    "qwen2": (transformers.Qwen2Config, dict()),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=32)),
+}
+
+
+def hf_config(family: str, **overrides):
+    cls, extra = FAMILIES[family]
+    return cls(**{**COMMON, **extra, **overrides})
+
+
+def save_tiny(family: str, path, *, kind: str = "lm", dtype=torch.float32, seed: int = 0, **overrides):
+    """Build a random HF model (``kind`` lm or score) and ``save_pretrained`` it; returns the torch model."""
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    if kind == "score":
+        cfg.num_labels = 1
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    # Random init has tiny norms/biases; perturb everything so every tensor matters in the parity checks.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = model.to(dtype).eval()
+    model.save_pretrained(str(path))
+    return model
+
+
+def left_padded_batch(batch: int = 4, length: int = 12, vocab: int = 96, seed: int = 0):
+    """Token ids (pads = 0, real tokens >= 3) and a left-padded mask with ragged lengths."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(3, vocab, (batch, length))
+    mask = np.ones((batch, length), np.int64)
+    for b in range(batch):
+        mask[b, : rng.randint(0, length // 2 + 1) if b else 0] = 0
+    ids = ids * mask
+    return ids, mask
+
+
+def positions(mask):
+    return np.maximum(mask.cumsum(-1) - 1, 0)
