@@ -1,0 +1,204 @@
+"""HF <-> Flax conversion: bit-exact round trips, loadable exports, and bad inputs that leave nothing behind."""
+import glob
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from converters.__main__ import main as convert
+from converters.hf import hf_tensors
+from converters.safetensors_io import SafetensorsDir
+from jaxrlhf.models import from_pretrained
+from tests.tiny import FAMILIES, left_padded_batch, positions, save_tiny
+
+
+def all_tensors(path):
+    out = {}
+    for fn in glob.glob(os.path.join(path, "*.safetensors")):
+        out.update(load_file(fn))
+    return out
+
+
+def assert_nothing_written(dst):
+    assert not os.path.exists(dst), f"{dst} was left behind"
+    assert not glob.glob(f"{dst}.partial-*"), "a partial directory was left behind"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_round_trip_bit_exact(family, tmp_path):
+    src, mid, dst = tmp_path / "hf", tmp_path / "flax", tmp_path / "back"
+    save_tiny(family, src)
+    assert convert(["--quiet", "hf-to-flax", str(src), str(mid), "--mesh", "4x2"]) == 0
+    assert convert(["--quiet", "flax-to-hf", str(mid), str(dst), "--max_shard_size", "40KB"]) == 0
+    a, b = all_tensors(src), all_tensors(dst)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    index = json.load(open(dst / "model.safetensors.index.json"))
+    assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) > 1
+
+
+def test_bf16_round_trip_and_transformers_loads_export(tmp_path):
+    src, mid, dst = tmp_path / "hf", tmp_path / "flax", tmp_path / "back"
+    save_tiny("qwen2", src, dtype=torch.bfloat16)
+    # Reload rather than reuse the in-memory model: `.to(bfloat16)` also rounded its RoPE buffers.
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16).eval()
+    assert convert(["--quiet", "hf-to-flax", str(src), str(mid)]) == 0
+    assert from_pretrained(str(mid)).model.norm.scale[...].dtype == jnp.bfloat16
+    assert convert(["--quiet", "flax-to-hf", str(mid), str(dst)]) == 0
+    a, b = all_tensors(src), all_tensors(dst)
+    assert all(torch.equal(a[k], b[k]) and b[k].dtype == torch.bfloat16 for k in a)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.bfloat16).eval()
+    ids, mask = left_padded_batch()
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions(mask)))
+    with torch.no_grad():
+        assert torch.equal(hf(**kw).logits, back(**kw).logits)
+    assert os.path.isfile(dst / "generation_config.json")
+
+
+def test_export_with_tokenizer_and_score_head(tmp_path):
+    from jaxrlhf.data.tokenizer import DEFAULT_CHARS, build_tiny_tokenizer
+
+    src, dst = tmp_path / "rm", tmp_path / "rm_out"
+    hf = save_tiny("llama3", src, kind="score")
+    build_tiny_tokenizer(str(src), list(DEFAULT_CHARS))
+    assert convert(["--quiet", "flax-to-hf", str(src), str(dst)]) == 0  # an HF dir is a valid source too
+    cfg = json.load(open(dst / "config.json"))
+    assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1
+    tok = transformers.AutoTokenizer.from_pretrained(str(dst))
+    assert tok.decode(tok("hello")["input_ids"]) == "hello"
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(str(dst)).eval()
+    ids, mask = left_padded_batch()
+    kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions(mask)))
+    with torch.no_grad():
+        assert torch.equal(hf(**kw).logits, back(**kw).logits)
+
+
+def test_openrlhf_value_head_checkpoint(tmp_path):
+    """OpenRLHF saves critics/RMs as base-model tensors + `value_head.weight` (its --value_head_prefix)."""
+    src = tmp_path / "orl"
+    hf = save_tiny("llama3", src, kind="score")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["value_head.weight"] = tensors.pop("score.weight")
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(src / "config.json"))
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    json.dump(cfg, open(src / "config.json", "w"))
+    model = from_pretrained(str(src))
+    assert model.head == "score"
+    np.testing.assert_array_equal(np.asarray(model.score.kernel[...])[:, 0], hf.score.weight.detach().numpy()[0])
+
+
+def test_critic_from_causal_lm_gets_fresh_value_head(tmp_path):
+    save_tiny("llama3", tmp_path)
+    critic = from_pretrained(str(tmp_path), head="score", seed=3)
+    w = np.asarray(critic.score.kernel[...])
+    assert w.shape == (64, 1) and 0 < w.std() < 3.0 / 65
+
+
+def test_hf_tensors_iterator_matches_files(tmp_path):
+    save_tiny("qwen3", tmp_path)
+    from flax import nnx
+
+    model = from_pretrained(str(tmp_path))
+    ref = all_tensors(tmp_path)
+    got = dict(hf_tensors(nnx.state(model).to_pure_dict(), model.cfg))
+    assert sorted(got) == sorted(ref)
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, ref[k].numpy())
+
+
+# ------------------------------------------------------------------ bad inputs
+def _hf_to_flax(src, dst, *extra):
+    return convert(["--quiet", "hf-to-flax", str(src), str(dst), *extra])
+
+
+def test_pickle_checkpoint_refused(tmp_path, capsys):
+    src = tmp_path / "bin"
+    save_tiny("llama3", src)
+    os.remove(src / "model.safetensors")
+    (src / "pytorch_model.bin").write_bytes(b"not loaded")
+    assert _hf_to_flax(src, tmp_path / "out") == 2
+    assert "pickle" in capsys.readouterr().err
+    assert_nothing_written(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing", "'model.layers.1.mlp.up_proj.weight' (for model/layers/1/mlp/up_proj/kernel) is missing"),
+    ("extra", "unexpected tensor(s) ['model.layers.7.mlp.extra.weight']"),
+    ("shape", "'lm_head.weight' has shape (96, 64), the config implies (100, 64)"),
+    ("model_type", "unsupported model_type 'gpt2'"),
+])
+def test_bad_checkpoints(case, expect, tmp_path, capsys):
+    src, dst = tmp_path / "hf", tmp_path / "out"
+    save_tiny("llama3", src)
+    f = str(src / "model.safetensors")
+    tensors = load_file(f)
+    cfg = json.load(open(src / "config.json"))
+    if case == "missing":
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+    elif case == "extra":
+        tensors["model.layers.7.mlp.extra.weight"] = torch.zeros(2)
+    elif case == "shape":
+        cfg["vocab_size"] = 100
+    else:
+        cfg["model_type"] = "gpt2"
+    save_file(tensors, f, metadata={"format": "pt"})
+    json.dump(cfg, open(src / "config.json", "w"))
+    assert _hf_to_flax(src, dst) == 2
+    err = capsys.readouterr().err
+    assert expect in err, err
+    assert_nothing_written(str(dst))
+
+
+def test_impossible_mesh_and_existing_output(tmp_path, capsys):
+    src, dst = tmp_path / "hf", tmp_path / "out"
+    save_tiny("llama3", src)
+    assert _hf_to_flax(src, dst, "--mesh", "4x3") == 2
+    assert "mesh 4x3 needs 12 devices, 8 available" in capsys.readouterr().err
+    assert_nothing_written(str(dst))
+    os.makedirs(dst)
+    assert _hf_to_flax(src, dst) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert os.listdir(dst) == []  # the existing directory is untouched
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    from converters import hf as hf_mod
+
+    src, dst = tmp_path / "hf", tmp_path / "out"
+    save_tiny("llama3", src)
+    model = from_pretrained(str(src))
+    from flax import nnx
+
+    calls = {"n": 0}
+    real = hf_mod.write_file
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # as if the user hit Ctrl-C mid-export
+        return real(*a, **k)
+
+    monkeypatch.setattr(hf_mod, "write_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        hf_mod.export_hf(nnx.state(model).to_pure_dict(), model.cfg, str(dst), head="lm", max_shard_size="40KB")
+    assert_nothing_written(str(dst))
+
+
+def test_safetensors_reader_reads_sharded_index(tmp_path):
+    save_tiny("llama3", tmp_path, )
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    out = tmp_path / "sharded"
+    model.save_pretrained(str(out), max_shard_size="50KB")
+    assert os.path.isfile(out / "model.safetensors.index.json")
+    st = SafetensorsDir(str(out))
+    ref = all_tensors(out)
+    assert sorted(st.tensors) == sorted(ref)
+    for k in ref:
+        np.testing.assert_array_equal(st.read(k), ref[k].numpy())
