@@ -124,20 +124,26 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
     return _unflatten(out, abstract)
 
 
-def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(hf_name, array)`` in HF layout, one parameter at a time, gathered to this host.
+def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True) -> Iterator[tuple[str, Any]]:
+    """Yield ``(hf_name, array)`` in HF layout, one parameter at a time.
 
     The rollout weight sync and the exporter both consume this. ``dtype`` casts (e.g. to the engine dtype).
+    ``host=True`` gathers each tensor to this host as NumPy; ``host=False`` keeps it a (sharded) device array,
+    for engines that live on the same devices (the JAX sampler).
     """
     table = table_for(cfg.model_type)
     for path, arr in flat_params(params):
         name, transpose = hf_name(table, path)
-        host = np.asarray(jax.device_get(arr))
+        if not host:
+            out = arr.T if transpose else arr
+            yield name, (out.astype(dtype) if dtype is not None else out)
+            continue
+        h = np.asarray(jax.device_get(arr))
         if transpose:
-            host = np.ascontiguousarray(host.T)
+            h = np.ascontiguousarray(h.T)
         if dtype is not None:
-            host = host.astype(dtype, copy=False)
-        yield name, host
+            h = h.astype(dtype, copy=False)
+        yield name, h
 
 
 def _hf_specs(params: dict, cfg: ModelConfig, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:

@@ -1,0 +1,40 @@
+"""Reward from Flax reward models (``--reward_pretrain a,b``): the scores of several models are summed.
+
+Each model is an HF ``*ForSequenceClassification`` directory or an OpenRLHF value-head checkpoint (``score`` /
+``value_head`` tensor, see ``--value_head_prefix``), loaded sharded on the training mesh. The score is read at the
+last real token of each sequence. With ``normalize``, a model's score becomes ``(s - mean) / std`` using the
+``mean`` / ``std`` its config.json carries (written by OpenRLHF's and jaxrlhf's RM trainers).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxrlhf.models import from_pretrained, last_token_values
+from jaxrlhf.train.steps import make_forward
+
+
+def _score(model, batch):
+    return last_token_values(model(batch["seqs"], batch["attn"]), batch["attn"])
+
+
+class RewardModels:
+    def __init__(self, paths: list[str], *, mesh, value_head_prefix: str | None = None, compute_dtype=None):
+        self.models = []
+        for path in paths:
+            model = from_pretrained(path, mesh=mesh, head="score", value_head_prefix=value_head_prefix)
+            graphdef, state = nnx.split(model)
+            params = state.to_pure_dict()
+            hf = model.cfg.hf_config
+            mean, std = float(hf.get("mean", 0.0)), float(hf.get("std", 1.0))
+            fwd = make_forward(graphdef, _score, params=params, mesh=mesh, compute_dtype=compute_dtype)
+            self.models.append((path, params, fwd, mean, std))
+
+    def __call__(self, seqs_bt: np.ndarray, attn_bt: np.ndarray, *, normalize: bool) -> np.ndarray:
+        """Summed scores ``[B]`` (float32) of one micro-batch."""
+        total = np.zeros(seqs_bt.shape[0], np.float32)
+        for _, params, fwd, mean, std in self.models:
+            s = np.asarray(fwd(params, {"seqs": jnp.asarray(seqs_bt), "attn": jnp.asarray(attn_bt)}))
+            total += (s - mean) / std if normalize else s
+        return total

@@ -1,0 +1,123 @@
+"""Jitted, sharded step builders shared by every trainer: one jit boundary per train step.
+
+A train step takes ``(params, opt_state, micro_batches)`` where every leaf of ``micro_batches`` has a leading
+micro-batch axis ``[K, mb, ...]``. It scans over the K micro-batches summing gradients (gradient accumulation),
+then applies one optimizer update. Loss functions must normalise by counts of the WHOLE step batch (see
+``losses.token_mean_over_batch``), so the summed gradient is independent of K and of the mesh.
+
+Parameters are fp32 master weights; ``compute_dtype=bfloat16`` casts them inside the differentiated function,
+so gradients and optimizer state stay fp32. Parameters and optimizer state are donated.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrlhf.train.optim import cast_floating
+from sharding import BATCH
+
+LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]  # (model, micro_batch) -> (loss, metrics)
+
+
+def batch_shardings(batch: dict, mesh, *, stacked: bool):
+    """Shard the batch axis of every leaf over (data, fsdp); with ``stacked`` the leading axis is micro-batches."""
+    def one(x):
+        ndim = np.ndim(x)
+        lead = 1 if stacked else 0
+        if ndim <= lead:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, P(*([None] * lead), BATCH))
+    return jax.tree_util.tree_map(one, batch)
+
+
+def shardings_of(tree):
+    return jax.tree_util.tree_map(lambda x: x.sharding, tree)
+
+
+def init_optimizer(tx: optax.GradientTransformation, params, mesh):
+    """Optimizer state created on the devices: moments sharded like their parameters, scalars replicated."""
+    state = jax.jit(tx.init)(params)
+    replicated = NamedSharding(mesh, P())
+
+    def place(x):
+        sh = x.sharding
+        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+    return jax.tree_util.tree_map(place, state)
+
+
+def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *, params, opt_state, mesh,
+                    compute_dtype=None):
+    """Build ``step(params, opt_state, micro_batches) -> (params, opt_state, metrics)`` (jitted, donated).
+
+    ``params`` / ``opt_state`` are examples whose shardings fix the step's in/out shardings. Metrics are the
+    micro-batch sums of what ``loss_fn`` returns (already globally normalised) plus ``grad_norm``.
+    """
+    p_sh, o_sh = shardings_of(params), shardings_of(opt_state)
+
+    def loss_of(p, mb):
+        if compute_dtype is not None:
+            p = cast_floating(p, compute_dtype)
+        return loss_fn(nnx.merge(graphdef, p), mb)
+
+    def step(params, opt_state, micro_batches):
+        def micro(grads, mb):
+            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(params, mb)
+            return jax.tree_util.tree_map(jnp.add, grads, g), {"loss": loss, **metrics}
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        grads, metrics = jax.lax.scan(micro, zeros, micro_batches)
+        metrics = jax.tree_util.tree_map(lambda m: m.sum(0), metrics)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    compiled: dict = {}
+
+    def run(params, opt_state, micro_batches):
+        key = jax.tree_util.tree_structure(micro_batches), tuple(np.shape(x) for x in
+                                                                  jax.tree_util.tree_leaves(micro_batches))
+        if key not in compiled:
+            b_sh = batch_shardings(micro_batches, mesh, stacked=True)
+            compiled[key] = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None),
+                                    donate_argnums=(0, 1))
+        return compiled[key](params, opt_state, micro_batches)
+
+    return run
+
+
+def make_forward(graphdef, fn: Callable[[Any, dict], Any], *, params, mesh, compute_dtype=None):
+    """Build ``forward(params, batch)`` = ``fn(model, batch)`` jitted with the batch sharded over (data, fsdp)."""
+    p_sh = shardings_of(params)
+
+    def f(params, batch):
+        if compute_dtype is not None:
+            params = cast_floating(params, compute_dtype)
+        return fn(nnx.merge(graphdef, params), batch)
+
+    compiled: dict = {}
+
+    def run(params, batch):
+        key = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+        if key not in compiled:
+            compiled[key] = jax.jit(f, in_shardings=(p_sh, batch_shardings(batch, mesh, stacked=False)))
+        return compiled[key](params, batch)
+
+    return run
+
+
+def stack_micro_batches(batch: dict[str, np.ndarray], micro_size: int) -> dict[str, np.ndarray]:
+    """``[N, ...]`` arrays -> ``[N // micro_size, micro_size, ...]``; scalars are repeated per micro-batch."""
+    n = next(len(v) for v in batch.values() if np.ndim(v) > 0)
+    if n % micro_size:
+        raise ValueError(f"batch of {n} rows does not split into micro-batches of {micro_size}")
+    k = n // micro_size
+    return {key: (np.full((k,), v) if np.ndim(v) == 0 else v.reshape(k, micro_size, *v.shape[1:]))
+            for key, v in batch.items()}
