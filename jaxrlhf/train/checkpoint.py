@@ -66,7 +66,10 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, META_ITEM))
+        # Handlers registered up front: a fresh process (a resumed run) must be able to read item metadata
+        # before it has saved anything itself.
+        handlers = {STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # -- saving ---------------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
