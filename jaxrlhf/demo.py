@@ -36,7 +36,7 @@ def reward_func(queries, prompts, labels):
 DEMO_FLAGS = dict(
     prompt_max_len=4, generate_max_len=3, label_key="label",
     rollout_batch_size=32, n_samples_per_prompt=4, micro_rollout_batch_size=16,
-    train_batch_size=64, micro_train_batch_size=8, num_episodes=10,
+    train_batch_size=64, micro_train_batch_size=8, num_episodes=30,
     actor_learning_rate=3e-4, critic_learning_rate=1e-3, lr_warmup_ratio=0.05, init_kl_coef=0.001,
 )
 

@@ -506,7 +506,14 @@ def cli(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    print(f"\ndone: {out['steps']} PPO steps; final reward {out['metrics'].get('reward', float('nan')):.3f}")
+    from jaxrlhf.train.metrics import read_metrics
+
+    rewards = [r["reward"] for r in read_metrics(out["log"]) if "reward" in r]
+    if len(rewards) >= 10:  # mean of the first and last five logged steps
+        trend = f"reward {sum(rewards[:5]) / 5:.3f} (first 5 steps) -> {sum(rewards[-5:]) / 5:.3f} (last 5 steps)"
+    else:
+        trend = f"final reward {out['metrics'].get('reward', float('nan')):.3f}"
+    print(f"\ndone: {out['steps']} PPO steps; {trend}")
     print(f"  metrics: {out['log']}")
     for k in ("plot", "actor", "critic"):
         if k in out:
