@@ -445,7 +445,7 @@ def main(cfg: PPOConfig) -> dict:
             "kl": mean_kl,
             "kl_coef": kl_coef,
             "response_length": float(action_mask.sum(1).mean()),
-            "return": float((returns[:, 0] if R_LEN else returns).mean()),
+            "return": float(returns[:, 0].mean()),
             "advantage_abs": float(np.abs(advantages).sum() / max(action_mask.sum(), 1.0)),
             "rollout/logprob_diff_mean": float(np.abs(rollout_logp - old_logp)[action_mask > 0].mean()),
             "rollout/logprob_diff_max": float(np.abs(rollout_logp - old_logp)[action_mask > 0].max()),

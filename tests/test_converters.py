@@ -230,3 +230,7 @@ def test_vllm_loads_exported_directory(tmp_path):
     got = llm.generate([{"prompt_token_ids": p} for p in prompts],
                        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     assert [list(o.outputs[0].token_ids) for o in got] == want
+    del llm  # shut the engine's worker process down inside the test, not at interpreter exit
+    import gc
+
+    gc.collect()
