@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from converters.safetensors_io import INDEX_NAME, SafetensorsDir, parse_size, plan_shards, write_file
-from converters.tables import ARCH_NAMES, IGNORED_HF, flax_path, hf_name, table_for
+from converters.tables import ARCH_NAMES, IGNORED_HF, hf_name, table_for
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.decoder import Decoder
 from sharding import named_shardings, path_str

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -51,8 +52,6 @@ def _answer(a: int, b: int, rng: np.random.Generator) -> int:
 
 
 def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
-    import jax
-    import jax.numpy as jnp
     import torch
     import transformers
     from flax import nnx
@@ -107,10 +106,7 @@ def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
         if (i + 1) % 100 == 0:
             print(f"[demo] SFT step {i + 1}/{steps}: loss {float(m['loss']):.3f}", file=sys.stderr)
     export_hf(params, model.cfg, out_dir, head="lm", aux_from=base, overwrite=True)
-    import shutil
-
     shutil.rmtree(base, ignore_errors=True)
-    del jax, jnp
 
 
 def prepare(cfg, mesh):

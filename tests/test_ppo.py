@@ -1,5 +1,4 @@
 """PPO end to end on tiny models: mesh equivalence, resume == uninterrupted, reward sources, bad input."""
-import dataclasses
 import json
 import math
 import os

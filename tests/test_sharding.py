@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from converters.hf import abstract_model

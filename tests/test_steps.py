@@ -1,6 +1,5 @@
 """The shared train step: gradient accumulation gives the same update whatever the micro-batch split or mesh."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
