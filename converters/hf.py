@@ -124,6 +124,20 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
     return _unflatten(out, abstract)
 
 
+def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
+    """``[(hf_name, transpose, array)]`` for every parameter, in tree order."""
+    table = table_for(cfg.model_type)
+    return [(*hf_name(table, path), arr) for path, arr in flat_params(params)]
+
+
+def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:
+    """One parameter gathered to this host, in HF layout, optionally cast."""
+    h = np.asarray(jax.device_get(arr))
+    if transpose:
+        h = np.ascontiguousarray(h.T)
+    return h if dtype is None else h.astype(dtype, copy=False)
+
+
 def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True) -> Iterator[tuple[str, Any]]:
     """Yield ``(hf_name, array)`` in HF layout, one parameter at a time.
 
@@ -131,29 +145,12 @@ def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True)
     ``host=True`` gathers each tensor to this host as NumPy; ``host=False`` keeps it a (sharded) device array,
     for engines that live on the same devices (the JAX sampler).
     """
-    table = table_for(cfg.model_type)
-    for path, arr in flat_params(params):
-        name, transpose = hf_name(table, path)
-        if not host:
+    for name, transpose, arr in _hf_entries(params, cfg):
+        if host:
+            yield name, _to_host_hf(arr, transpose, dtype)
+        else:
             out = arr.T if transpose else arr
             yield name, (out.astype(dtype) if dtype is not None else out)
-            continue
-        h = np.asarray(jax.device_get(arr))
-        if transpose:
-            h = np.ascontiguousarray(h.T)
-        if dtype is not None:
-            h = h.astype(dtype, copy=False)
-        yield name, h
-
-
-def _hf_specs(params: dict, cfg: ModelConfig, dtype) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-    table = table_for(cfg.model_type)
-    specs = []
-    for path, arr in flat_params(params):
-        name, transpose = hf_name(table, path)
-        shape = tuple(reversed(arr.shape)) if transpose else tuple(arr.shape)
-        specs.append((name, np.dtype(dtype or arr.dtype), shape))
-    return specs
 
 
 @contextmanager
@@ -211,18 +208,16 @@ def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None
               aux_from: str | None = None, extra_config: dict | None = None, overwrite: bool = False,
               progress: bool = False) -> str:
     """Write ``params`` as an HF directory (sharded safetensors + index, config, generation config, tokenizer)."""
-    specs = _hf_specs(params, cfg, dtype)
+    entries = _hf_entries(params, cfg)
+    specs = [(name, np.dtype(dtype or arr.dtype), tuple(reversed(arr.shape)) if t else tuple(arr.shape))
+             for name, t, arr in entries]
     out_dtype = specs[0][1]
     shards = plan_shards(specs, parse_size(max_shard_size))
-    by_name = {name: (path, arr) for (path, arr), (name, _, _) in zip(flat_params(params), specs)}
-    table = table_for(cfg.model_type)
+    by_name = {name: (t, arr) for name, t, arr in entries}
 
     def produce(name: str) -> np.ndarray:
-        path, arr = by_name[name]
-        host = np.asarray(jax.device_get(arr))
-        if hf_name(table, path)[1]:
-            host = np.ascontiguousarray(host.T)
-        return host.astype(dict((s[0], s[1]) for s in specs)[name], copy=False)
+        transpose, arr = by_name[name]
+        return _to_host_hf(arr, transpose, dtype)
 
     total = sum(int(np.prod(s[2], dtype=np.int64)) * s[1].itemsize for s in specs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr)

