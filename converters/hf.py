@@ -131,7 +131,15 @@ def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
 
 
 def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:
-    """One parameter gathered to this host, in HF layout, optionally cast."""
+    """One parameter gathered to this host, in HF layout, optionally cast.
+
+    A parameter sharded across hosts is all-gathered (a collective: every process must make the same call), so a
+    multi-host sync or export holds one whole tensor per host at a time, never the whole model.
+    """
+    if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        arr = multihost_utils.process_allgather(arr, tiled=True)
     h = np.asarray(jax.device_get(arr))
     if transpose:
         h = np.ascontiguousarray(h.T)

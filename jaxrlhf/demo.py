@@ -109,6 +109,14 @@ def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
     shutil.rmtree(base, ignore_errors=True)
 
 
+def _vllm_installed() -> bool:
+    """vLLM and Ray importable, and not turned off with JAXRLHF_NO_VLLM=1 (then the JAX sampler runs)."""
+    import importlib.util
+
+    return os.environ.get("JAXRLHF_NO_VLLM", "0") != "1" and all(
+        importlib.util.find_spec(m) is not None for m in ("vllm", "ray"))
+
+
 def prepare(cfg, mesh):
     """Build (or reuse) the demo's tokenizer, SFT policy, prompts and verifier; return cfg pointing at them."""
     from jaxrlhf.data.tokenizer import build_tiny_tokenizer
@@ -134,9 +142,14 @@ def prepare(cfg, mesh):
 
     defaults = PPOConfig()
     changes = {k: v for k, v in DEMO_FLAGS.items() if getattr(cfg, k) == getattr(defaults, k)}
+    if _vllm_installed() and cfg.vllm_num_engines == defaults.vllm_num_engines:
+        changes["vllm_num_engines"] = 1  # rollouts on a vLLM engine, as OpenRLHF users expect
     changes.update(pretrain=sft_dir, prompt_data=os.path.join(root, "prompts.jsonl"),
                    remote_rm_url=os.path.join(root, "reward.py"))
     if cfg.save_path == defaults.save_path:
         changes.update(save_path=os.path.join(root, "run"), ckpt_path=os.path.join(root, "run", "checkpoints"))
-    print(f"[demo] PPO on the addition task: policy {sft_dir}, verifier {changes['remote_rm_url']}", file=sys.stderr)
+    engines = changes.get("vllm_num_engines", cfg.vllm_num_engines)
+    engine = f"{engines} vLLM engine(s)" if engines else "the JAX sampler"
+    print(f"[demo] PPO on the addition task: policy {sft_dir}, verifier {changes['remote_rm_url']}, rollouts on "
+          f"{engine}", file=sys.stderr)
     return dataclasses.replace(cfg, **changes)

