@@ -15,6 +15,7 @@ Semantics follow OpenRLHF (``openrlhf/models/loss.py``, ``openrlhf/models/utils.
 - ``token_mean_over_batch`` / ``sequence_mean_over_batch`` == ``aggregate_loss`` with the global batch
   totals (``batch_num_tokens`` / ``global_batch_size``); no ``dp_size`` factor is needed here because a JAX
   step sums over the whole (sharded) global batch instead of averaging per-rank gradients.
+- ``sequence_logprobs``      == the DPO/KTO trainers' ``_get_batch_logps`` (sum and mean over the response).
 - ``dpo_loss``               == ``DPOLoss`` (per pair, not averaged).
 - ``kto_loss``               == ``KTOLoss`` (uneven sampling; per sample, not averaged).
 - ``pairwise_rm_loss``       == ``PairWiseLoss`` ("sigmoid") / ``LogExpLoss`` ("logexp"), per pair.
@@ -287,6 +288,24 @@ def adaptive_kl_coef(
 # ----------------------------------------------------------------------------------------------------------
 # Preference losses
 # ----------------------------------------------------------------------------------------------------------
+
+
+def sequence_logprobs(logits_btv: Array, input_ids_bt: Array, loss_mask_bt: Array) -> Tuple[Array, Array]:
+    """Sum and mean of the log-probabilities of the masked tokens of each sequence (OpenRLHF DPO/KTO
+    ``_get_batch_logps``), in fp32:
+
+        logp[b,t] = log softmax(logits[b,t-1])[x[b,t]]            (t >= 1: logits at t-1 predict token t)
+        sum_b     = sum_{t>=1} m[b,t] * logp[b,t]
+        mean_b    = sum_b / max(sum_{t>=1} m[b,t], 1)
+
+    ``loss_mask_bt`` marks the target tokens (the response, EOS included); ``loss_mask[:, 0]`` is ignored (nothing
+    predicts a sequence's first token). Returns (sum_b, mean_b), float32 [B].
+    """
+    logp_bt = logprobs_from_logits(logits_btv[:, :-1], input_ids_bt[:, 1:])
+    m = loss_mask_bt[:, 1:]
+    total = masked_sum(logp_bt, m, axis=-1)
+    count = jnp.sum(jnp.asarray(m).astype(total.dtype), axis=-1)
+    return total, total / jnp.maximum(count, 1.0)
 
 
 def dpo_loss(

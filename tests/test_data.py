@@ -376,3 +376,167 @@ def test_per_process_slices_partition_the_global_batch():
     # resume per process too
     resumed = BatchIterator.from_state(locs[2].state(), n_items, bs, seed=11, process_index=2, process_count=procs)
     assert resumed.next_batch().tolist() == locs[2].next_batch().tolist()
+
+
+# ---------------------------------------------------------------- sources: row types, held-out split
+
+
+def test_json_rows_that_are_not_objects_are_named(tmp_path):
+    (tmp_path / "strings.json").write_text('["a", "b"]')  # `datasets` alone would read this as a "text" column
+    with pytest.raises(ValueError, match=r"record 0 is a str \('a'\), not a JSON object"):
+        load_records(str(tmp_path / "strings.json"))
+    (tmp_path / "mixed.jsonl").write_text('{"input": "a"}\n\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"line 3 is a list \('\[1, 2\]'\), not a JSON object"):
+        load_records(str(tmp_path / "mixed.jsonl"))
+    (tmp_path / "broken.jsonl").write_text('{"input": "a"}\n{"input": "b"\n')
+    with pytest.raises(ValueError, match=r"line 2 is not valid JSON"):
+        load_records(str(tmp_path / "broken.jsonl"))
+    (tmp_path / "text.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')  # a real "text" column is fine
+    assert load_records(str(tmp_path / "text.jsonl"))["text"] == ["a", "b"]
+
+
+def test_holdout_split_is_disjoint_seeded_and_ordered():
+    from jaxrlhf.data.sources import holdout_split
+
+    ds = Dataset.from_list([{"i": i} for i in range(10)])
+    train, ev = (list(part["i"]) for part in holdout_split(ds, 0.3, seed=5))
+    assert len(ev) == 3 and len(train) == 7
+    assert sorted(train + ev) == list(range(10))
+    assert train == sorted(train) and ev == sorted(ev)  # original order kept
+    assert list(holdout_split(ds, 0.3, seed=5)[1]["i"]) == ev
+    assert any(list(holdout_split(ds, 0.3, seed=s)[1]["i"]) != ev for s in range(6, 10))
+    with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+        holdout_split(ds, 0.0)
+    with pytest.raises(ValueError, match="leaves none to train on"):
+        holdout_split(Dataset.from_list([{"i": 0}]), 0.5)
+
+
+# ---------------------------------------------------------------- SFT samples
+
+
+def ids_of(tok, *texts):
+    return [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]]
+
+
+def test_sft_multiturn_chat_template_masks_exactly_the_assistant_tokens(tok):
+    from jaxrlhf.data.sft import SFTDataset
+
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "what is 2 plus 2?"},
+            {"role": "assistant", "content": "4"}]
+    # What the default tiny template renders, written out by hand, split into context / assistant parts.
+    context1 = "<s><|system|>be brief</s><|user|>hi</s><|assistant|>"
+    context2 = "<|user|>what is 2 plus 2?</s><|assistant|>"
+    expected_ids = ids_of(tok, context1, "hello</s>", context2, "4</s>")
+    expected_mask = ([0] * len(ids_of(tok, context1)) + [1] * len(ids_of(tok, "hello</s>"))
+                     + [0] * len(ids_of(tok, context2)) + [1] * len(ids_of(tok, "4</s>")))
+    assert expected_ids == ids_of(tok, context1 + "hello</s>" + context2 + "4</s>")  # pieces == whole text
+    for records, kw in [([{"conv": conv}], {}),
+                        ([{"conv": conv[:-1], "answer": conv[-1]}], {"output_key": "answer"}),
+                        (Dataset.from_list([{"conv": conv}]), {})]:  # Arrow list-of-struct column
+        s = SFTDataset(records, tok, input_key="conv", apply_chat_template=True, multiturn=True, max_len=200, **kw)[0]
+        assert s.input_ids == expected_ids and s.loss_mask == expected_mask
+        learned = tok.decode([i for i, m in zip(s.input_ids, s.loss_mask) if m])
+        assert learned == "hello</s>4</s>"
+    # a conversation ending with a user turn: that tail is context, and it already ends with EOS
+    s = SFTDataset([{"conv": conv + [{"role": "user", "content": "bye"}]}], tok, input_key="conv",
+                   apply_chat_template=True, multiturn=True)[0]
+    assert s.input_ids == expected_ids + ids_of(tok, "<|user|>bye</s>")
+    assert s.loss_mask == expected_mask + [0] * len(ids_of(tok, "<|user|>bye</s>"))
+
+
+def test_sft_single_turn_chat_template_and_custom_template(tok):
+    from jaxrlhf.data.sft import SFTDataset
+
+    ds = SFTDataset([{"q": "hi", "a": "yo"}], tok, input_key="q", output_key="a", apply_chat_template=True)
+    s = ds[0]
+    prompt = "<s><|user|>hi</s><|assistant|>"
+    assert s.input_ids == ids_of(tok, prompt, "yo</s>")
+    assert s.loss_mask == [0] * len(ids_of(tok, prompt)) + [1] * 3
+    # the whole conversation in one field: the last assistant message is the response
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert SFTDataset([{"q": conv}], tok, input_key="q", apply_chat_template=True)[0] == s
+    # a template whose turns end "<|end|>\n" (no EOS): the newline is stripped, EOS appended and learned
+    t = copy_tokenizer(tok)
+    t.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}[assistant] {% endif %}")
+    s = SFTDataset([{"q": "hi", "a": "yo"}], t, input_key="q", output_key="a", apply_chat_template=True)[0]
+    assert s.input_ids == ids_of(t, "[user] hi\n[assistant] ", "yo") + [t.eos_token_id]
+    assert sum(s.loss_mask) == 3 and s.loss_mask[-3:] == [1, 1, 1]
+
+
+def copy_tokenizer(tok):
+    import copy
+
+    return copy.deepcopy(tok)
+
+
+def test_sft_plain_eos_truncation_and_drops_are_counted(tok):
+    from jaxrlhf.data.sft import SFTDataset
+
+    rows = [
+        {"input": "ab", "output": "cdefgh"},   # 8 + EOS = 9 tokens > 6: truncated, EOS kept
+        {"input": "abc", "output": "xy</s>"},  # ends with EOS already: not doubled
+        {"input": "abcd", "output": "x"},      # the first learned token at 4 >= max_len - 2: dropped
+        {"input": "ab", "output": ""},         # nothing to learn: dropped
+    ]
+    ds = SFTDataset(rows, tok, input_key="input", output_key="output", max_len=6, source="d")
+    assert len(ds) == 2 and ds.num_records == 4
+    assert (ds.num_truncated, ds.num_dropped_too_long, ds.num_dropped_empty) == (1, 1, 1)
+    assert ds[0].input_ids == ids_of(tok, "abcde") + [tok.eos_token_id] and ds[0].loss_mask == [0, 0, 1, 1, 1, 1]
+    assert ds[1].input_ids == ids_of(tok, "abcxy</s>") and ds[1].loss_mask == [0, 0, 0, 1, 1, 1]
+    assert "2 of 4 records kept; 1 dropped (the prompt fills --max_len 6 - 2), 1 dropped (nothing to learn" in \
+        ds.summary() and "1 truncated" in ds.summary()
+    b = ds.batch([1, 0])
+    assert b["input_ids"].shape == (2, 6) and b["num_tokens"] == 7  # seq_len: longest (6) rounded up to 8, capped
+    np.testing.assert_array_equal(b["loss_mask"][0], [0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(b["attention_mask"], np.ones((2, 6)))
+    # --input_template wraps the prompt, which is never learned
+    ds = SFTDataset([{"input": "hi", "output": "yo"}], tok, output_key="output", input_template="Q: {} A: ")
+    assert tok.decode(ds[0].input_ids) == "Q: hi A: yo</s>"
+    assert ds[0].loss_mask == [0] * len("Q: hi A: ") + [1, 1, 1]
+    padded = ds.batch([0])
+    assert padded["input_ids"].shape == (1, 16) and padded["attention_mask"].sum() == 12
+
+
+def test_sft_pretrain_mode_learns_every_token(tok):
+    from jaxrlhf.data.sft import SFTDataset
+
+    ds = SFTDataset([{"text": "abc"}, {"text": "abcdefgh"}, {"text": ""}], tok, input_key="text",
+                    pretrain_mode=True, max_len=5)
+    assert ds[0].input_ids == ids_of(tok, "abc") + [tok.eos_token_id] and ds[0].loss_mask == [0, 1, 1, 1]
+    assert ds[1].input_ids == ids_of(tok, "abcd") + [tok.eos_token_id] and ds[1].loss_mask == [0, 1, 1, 1, 1]
+    assert (ds.num_truncated, ds.num_dropped_too_long, ds.num_dropped_empty) == (1, 0, 1)
+
+
+def test_sft_dataset_errors(tok, tmp_path):
+    from jaxrlhf.data.sft import SFTDataset
+
+    src = str(write_jsonl(tmp_path / "p.jsonl", ROWS))
+    records = load_records(src)
+    with pytest.raises(KeyError, match=r"--output_key 'answer' is not a field of dataset .*available keys: "
+                                       r"\['input', 'label'\]"):
+        SFTDataset(records, tok, output_key="answer", source=src)
+    with pytest.raises(ValueError, match="--output_key is required"):
+        SFTDataset(records, tok)
+    with pytest.raises(ValueError, match="--multiturn needs --apply_chat_template"):
+        SFTDataset(records, tok, multiturn=True)
+    with pytest.raises(ValueError, match="--pretrain_mode trains on the raw"):
+        SFTDataset(records, tok, pretrain_mode=True, output_key="label")
+    with pytest.raises(ValueError, match=r"row 1 of dataset b: 'output' is list .*The record: "):
+        SFTDataset([{"input": "a", "output": "b"}, {"input": "a", "output": ["b"]}], tok, output_key="output",
+                   source="b")
+    with pytest.raises(ValueError, match=r"row 0 of dataset m: message 1 of 'c' is"):
+        SFTDataset([{"c": [{"role": "user", "content": "a"}, {"role": "assistant", "text": "b"}]}], tok,
+                   input_key="c", apply_chat_template=True, multiturn=True, source="m")
+    with pytest.raises(ValueError, match=r"must end with an assistant message .*\['user'\]"):
+        SFTDataset([{"c": [{"role": "user", "content": "a"}]}], tok, input_key="c", apply_chat_template=True)
+    odd = copy_tokenizer(tok)  # the generation prompt is not how the assistant turn starts
+    odd.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(ValueError, match="renders the prompt differently"):
+        SFTDataset([{"q": "hi", "a": "yo"}], odd, input_key="q", output_key="a", apply_chat_template=True)
+    with pytest.raises(ValueError, match=r"no usable samples in dataset x: 0 of 1 records kept"):
+        SFTDataset([{"input": "abcdef", "output": "g"}], tok, output_key="output", max_len=4, source="x")
+    with pytest.raises(ValueError, match="is empty"):
+        SFTDataset([], tok, output_key="output")

@@ -19,11 +19,13 @@ saved with `Dataset.save_to_disk` has no splits and is returned whole.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, interleave_datasets, load_dataset, load_from_disk
 
 # file suffix -> `datasets` packaged builder name
@@ -88,7 +90,63 @@ def _load_file(spec: str, path: Path) -> Dataset | DatasetDict:
     if path.stat().st_size == 0:
         raise ValueError(f"dataset '{spec}' is empty: the file {path} has 0 bytes")
     builder = FILE_TYPES[suffix]
-    return _guard(spec, f"{builder} file", load_dataset, builder, data_files=str(path))
+    if builder != "json":
+        return _guard(spec, f"{builder} file", load_dataset, builder, data_files=str(path))
+    try:
+        loaded = _guard(spec, "json file", load_dataset, "json", data_files=str(path))
+    except ValueError as e:
+        bad = _first_non_object_row(path)
+        if bad is not None:
+            raise ValueError(f"dataset '{spec}': {bad}; every record must be a JSON object like "
+                             '{"input": "...", "output": "..."}') from e
+        raise
+    # `datasets` reads a JSON array of bare strings as one "text" column: refuse it like any non-object row.
+    if list(loaded["train"].column_names) == ["text"]:
+        first = _first_record(path)
+        if first is not None and not isinstance(first, dict):
+            raise ValueError(f"dataset '{spec}': record 0 is a {type(first).__name__} ({str(first)[:60]!r}), not a "
+                             'JSON object; every record must be a JSON object like {"input": "...", "output": "..."}')
+    return loaded
+
+
+def _first_non_object_row(path: Path) -> str | None:
+    """Where a json/jsonl file stops being a list of JSON objects ('line 3 is a str ...'), or None if it does not."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    else:
+        rows = whole if isinstance(whole, list) else None
+        if rows is None:
+            return None if isinstance(whole, dict) else f"the file holds a single {type(whole).__name__}"
+        for i, r in enumerate(rows):
+            if not isinstance(r, dict):
+                return f"record {i} is a {type(r).__name__} ({str(r)[:60]!r}), not a JSON object"
+        return None
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {i} is not valid JSON ({e.msg}): {line[:60]!r}"
+        if not isinstance(r, dict):
+            return f"line {i} is a {type(r).__name__} ({str(r)[:60]!r}), not a JSON object"
+    return None
+
+
+def _first_record(path: Path, peek: int = 1 << 20):
+    """The first record of a JSON-lines file or JSON array (from the first MiB), or None if it cannot be read."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(peek)
+    stripped = head.lstrip()
+    try:
+        if stripped.startswith("["):
+            return json.JSONDecoder().raw_decode(stripped[1:].lstrip())[0]
+        return json.loads(stripped.splitlines()[0])
+    except (json.JSONDecodeError, IndexError):
+        return None
 
 
 def _load_dir(spec: str, path: Path) -> Dataset | DatasetDict:
@@ -223,3 +281,20 @@ def blend(
     except ValueError as e:
         raise ValueError(f"could not blend {data_flag}={','.join(specs)}: {e}") from e
 
+
+
+def holdout_split(ds: Dataset, fraction: float, *, seed: int = 42) -> tuple[Dataset, Dataset]:
+    """Split `ds` into (train, eval) with a seeded `fraction` of the records held out for evaluation.
+
+    n_eval = max(1, round(len(ds) * fraction)) records drawn by `np.random.default_rng([seed, 1]).permutation`;
+    both parts keep the original record order. Train and eval are disjoint; at least one record stays in train.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"held-out fraction must be in (0, 1), got {fraction}")
+    n = len(ds)
+    n_eval = max(1, int(round(n * fraction)))
+    if n_eval >= n:
+        raise ValueError(f"holding out {fraction} of {n} records leaves none to train on: lower --eval_holdout or "
+                         "pass --eval_dataset")
+    order = np.random.default_rng([seed, 1]).permutation(n)
+    return ds.select(np.sort(order[n_eval:])), ds.select(np.sort(order[:n_eval]))

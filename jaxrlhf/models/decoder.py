@@ -79,11 +79,12 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg, self.window = cfg, window
 
-    def __call__(self, x_btd, cos, sin, q_slots_t, kv, kv_mask_bs, kv_slots_s):
+    def __call__(self, x_btd, cos, sin, q_slots_t, kv, kv_mask_bs, kv_slots_s, segment_ids_bt=None):
         """Attend from the T new tokens (at cache slots ``q_slots_t``) to S keys.
 
         ``kv`` is None (keys are the new tokens themselves) or a ``(k_bske, v_bske, index)`` cache to write into.
         ``kv_mask_bs`` marks real keys; attention is causal in slot order and, with a window, local.
+        ``segment_ids_bt`` (packed rows, no cache: S == T) also confines it to keys of the query's own segment.
         Returns the output and the updated (k, v) cache entry (or None).
         """
         cfg = self.cfg
@@ -108,6 +109,8 @@ class Attention(nnx.Module):
         if self.window is not None:
             allowed = allowed & (q_slots_t[:, None] - kv_slots_s[None, :] < self.window)
         allowed = allowed[None] & (kv_mask_bs[:, None, :] > 0)  # [B, T, S]
+        if segment_ids_bt is not None:  # packed samples: never attend across a segment boundary
+            allowed = allowed & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
         scores = jnp.where(allowed[:, None, None], scores, _NEG)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(B, T, H * E)
@@ -133,8 +136,8 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, q_slots, kv, kv_mask, kv_slots):
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, kv, kv_mask, kv_slots)
+    def __call__(self, x, cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
@@ -167,9 +170,22 @@ class Decoder(nnx.Module):
                       if head == "score" else None)
 
     # ------------------------------------------------------------------ trunk
-    def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache: Cache | None = None):
-        """Final-norm hidden states ``[B, T, D]`` and the updated cache (None without a cache)."""
+    def hidden_states(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, cache: Cache | None = None,
+                      segment_ids_bt=None):
+        """Final-norm hidden states ``[B, T, D]`` and the updated cache (None without a cache).
+
+        ``segment_ids_bt`` (packed samples, see ``data/packing.py``): tokens attend only within their segment
+        (id > 0; 0 is padding); without explicit positions/mask they default to ``segment_positions`` / ``id > 0``.
+        """
         B, T = input_ids_bt.shape
+        if segment_ids_bt is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed samples) are for training forwards; not with a KV cache")
+            segment_ids_bt = segment_ids_bt.astype(jnp.int32)
+            if attention_mask_bt is None:
+                attention_mask_bt = (segment_ids_bt > 0).astype(jnp.int32)
+            if positions_bt is None:
+                positions_bt = segment_positions(segment_ids_bt)
         if attention_mask_bt is None:
             attention_mask_bt = jnp.ones((B, T), jnp.int32)
         attention_mask_bt = attention_mask_bt.astype(jnp.int32)
@@ -192,7 +208,7 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
             call = nnx.remat(Block.__call__) if self.remat else Block.__call__
-            x, upd = call(layer, x, cos, sin, q_slots, kv, kv_mask, kv_slots)
+            x, upd = call(layer, x, cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids_bt)
             x = constrain(x, self.mesh, P(BATCH, None, None))
             if upd is not None:
                 new_k.append(upd[0])
@@ -211,9 +227,12 @@ class Decoder(nnx.Module):
             w = self.model.embed_tokens.embedding[...].T
         return jnp.einsum("btd,dv->btv", h_btd, w.astype(h_btd.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None):
-        """Logits ``[B, T, V]`` (head "lm") or per-token scores ``[B, T]`` (head "score"), fp32."""
-        h, _ = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt)
+    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, segment_ids_bt=None):
+        """Logits ``[B, T, V]`` (head "lm") or per-token scores ``[B, T]`` (head "score"), fp32.
+
+        ``segment_ids_bt``: packed rows (several samples per row), see ``hidden_states``.
+        """
+        h, _ = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt, segment_ids_bt=segment_ids_bt)
         if self.head == "score":
             return (h @ self.score.kernel[...].astype(h.dtype))[..., 0].astype(jnp.float32)
         return self.logits(h)
@@ -227,6 +246,17 @@ class Decoder(nnx.Module):
 def default_positions(attention_mask_bt):
     """Positions that skip left padding: ``cumsum(mask) - 1`` clipped at 0 (pads get position 0)."""
     return jnp.maximum(jnp.cumsum(attention_mask_bt, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def segment_positions(segment_ids_bt):
+    """Positions that restart at 0 at every segment start of a packed row: ``t - first_t(segment of t)``; padding
+    (segment id 0) gets 0."""
+    T = segment_ids_bt.shape[-1]
+    t = jnp.arange(T, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_bt[..., :1], bool),
+                              segment_ids_bt[..., 1:] != segment_ids_bt[..., :-1]], axis=-1)
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids_bt.ndim - 1)
+    return jnp.where(segment_ids_bt > 0, t - first, 0).astype(jnp.int32)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> Cache:
