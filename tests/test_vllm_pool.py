@@ -29,6 +29,8 @@ from tests.tiny import save_tiny  # noqa: E402
 VLLM_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [3, 4, 5, 6, 7, 8], [20, 21], [30, 31, 32, 33, 34], [40], [50, 51]]
 GREEDY = SamplingParams(n=1, temperature=0.0, max_tokens=8)
+# "ray" here; on a GPU machine JAXRLHF_SYNC_BACKEND=nccl runs the same checks through the NCCL transport.
+SYNC_BACKEND = os.environ.get("JAXRLHF_SYNC_BACKEND", "ray")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pool(tiny):
     p = VLLMPool(PoolConfig(model=tiny[0], num_engines=2, dtype="float32", kv_cache_mb=64, eos_token_ids=(2,),
-                            request_timeout_s=120))
+                            request_timeout_s=120, sync_backend=SYNC_BACKEND))
     yield p
     p.close()
 
@@ -81,6 +83,15 @@ def test_bad_pool_config_is_refused_before_starting_anything(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="--vllm_dtype"):
         PoolConfig(model=str(tmp_path), dtype="int8")
+
+
+def test_engine_that_cannot_start_fails_with_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(RuntimeError, match="vLLM engine 0 failed to start from"):
+        VLLMPool(PoolConfig(model=str(tmp_path), num_engines=1, dtype="float32", kv_cache_mb=64))
+    import ray
+
+    assert not ray.is_initialized()  # the local cluster it started is gone
 
 
 def test_two_engines_return_n_samples_per_prompt_in_prompt_order(pool, tiny):
@@ -215,7 +226,8 @@ def test_ppo_with_two_engines_logs_small_logprob_drift(tmp_path):
                     micro_rollout_batch_size=2, train_batch_size=8, micro_train_batch_size=1, max_steps=3, num_episodes=2,
                     actor_learning_rate=1e-3, critic_learning_rate=1e-3, init_kl_coef=0.05,
                     save_path=str(tmp_path / "run"), ckpt_path=str(tmp_path / "run" / "ckpt"), seed=7,
-                    vllm_num_engines=2, vllm_kv_cache_mb=64, vllm_sync_check="every")
+                    vllm_num_engines=2, vllm_kv_cache_mb=64, vllm_sync_check="every",
+                    vllm_sync_backend=SYNC_BACKEND)
     out = main(cfg)
     log = [json.loads(line) for line in open(out["log"])]
     assert len(log) == 3

@@ -25,14 +25,18 @@ NCCL sender, so the trainer process never pays for importing vLLM on the Ray pat
     (``weight_transfer_config={"backend": "nccl"}``; ``init_weight_transfer_engine`` / ``start_weight_update`` /
     ``update_weights`` / ``finish_weight_update``), fed from this process as NCCL rank 0 of a stateless group,
     each tensor handed from JAX to torch through DLPack without a host copy. NOT run by the project (no GPU here;
-    see ``_NcclSender``); a GPU user checks it with the sync-correctness test, e.g.
-    ``JAXRLHF_SYNC_BACKEND=nccl .venv/bin/python -m pytest -m slow tests/test_vllm_pool.py -k sync``.
+    see ``_NcclSender``); a GPU user checks it with the sync-correctness tests:
+    ``JAXRLHF_SYNC_BACKEND=nccl .venv/bin/python -m pytest tests/test_vllm_pool.py -k "sync or ppo"``.
 
 - Faults: engine actors are restarted by Ray (``max_restarts``). An engine that dies mid-request is marked down,
   its prompts are retried on the live engines, and when Ray has restarted it, it receives the current weights
   before it serves again. A request that does not return within ``request_timeout_s`` raises ``TimeoutError``
   naming the engine instead of hanging the run. ``close`` kills the actors, removes their placement groups and
   shuts down the Ray cluster the pool started (a cluster joined with ``ray_address`` is left running).
+
+GPU placement: the trainer's JAX process and the engines must not share GPUs (JAX takes every GPU it sees). On one
+node, start Ray on the engine GPUs (``CUDA_VISIBLE_DEVICES=4,5,6,7 ray start --head --num-gpus 4``) and the trainer
+on the others (``CUDA_VISIBLE_DEVICES=0,1,2,3 python -m jaxrlhf.ppo ... --ray_address auto``).
 """
 from __future__ import annotations
 
@@ -270,8 +274,13 @@ class VLLMPool:
         self._stale: set[int] = set()  # restarted under the NCCL backend, waiting for the next sync
         self._nccl: Optional[_NcclSender] = None
         t0 = time.perf_counter()
-        for i, ref in enumerate([a.ready.remote() for a in self._actors]):
-            self._incarnation[i], self.pids[i] = self._get(i, ref, what="start")
+        try:
+            for i, ref in enumerate([a.ready.remote() for a in self._actors]):
+                self._incarnation[i], self.pids[i] = self._get(i, ref, what="start")
+        except (RayActorError, TimeoutError) as e:
+            self.close()
+            raise RuntimeError(f"vLLM engine {i} failed to start from {cfg.model} ({type(e).__name__}); its own "
+                               f"error is above and in the Ray logs (/tmp/ray/session_latest/logs)") from e
         print(f"[vllm] {cfg.num_engines} engine(s) ready in {time.perf_counter() - t0:.1f}s "
               f"({cfg.dtype}, tp {cfg.tensor_parallel_size}, {'GPU' if on_gpu else 'CPU'}, sync {cfg.sync_backend})",
               file=sys.stderr)
