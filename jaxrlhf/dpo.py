@@ -27,14 +27,13 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
 from jaxrlhf.cli import arg
-from jaxrlhf.train.supervised import SupervisedConfig, data_parallel_size, fit, load_model, load_tokenizer_for, \
-    load_train_eval, run_cli, setup_mesh
+from jaxrlhf.train.supervised import SupervisedConfig, chunked_prepare, fit, frozen_reference, load_model, \
+    load_tokenizer_for, load_train_eval, reference_path, run_cli, setup_mesh, tokenize_splits
 
 FORWARD_KEYS = ("chosen_input_ids", "chosen_attention_mask", "chosen_loss_mask",
                 "rejected_input_ids", "rejected_attention_mask", "rejected_loss_mask")
+REF_NAMES = ("ref_chosen_logp", "ref_rejected_logp")  # the reference's log-probs, added to every batch
 
 
 @dataclass
@@ -119,17 +118,8 @@ def make_dpo_loss(*, beta: float, label_smoothing: float = 0.0, ipo: bool = Fals
 
 def make_reference(forward, params, *, rows_per_call: int):
     """``prepare(batch) -> batch`` adding the frozen reference's ``ref_chosen_logp`` / ``ref_rejected_logp`` [n],
-    computed by the jitted ``forward(params, rows)`` in chunks of ``rows_per_call`` pairs."""
-    def prepare(b: dict) -> dict:
-        n = len(b["chosen_input_ids"])
-        chosen, rejected = [], []
-        for a in range(0, n, rows_per_call):
-            c, r = forward(params, {k: b[k][a:a + rows_per_call] for k in FORWARD_KEYS})
-            chosen.append(np.asarray(c))
-            rejected.append(np.asarray(r))
-        return {**b, "ref_chosen_logp": np.concatenate(chosen), "ref_rejected_logp": np.concatenate(rejected)}
-
-    return prepare
+    computed by the jitted ``forward(params, rows)`` (of ``ref_logprobs``) in chunks of ``rows_per_call`` pairs."""
+    return chunked_prepare(forward, params, keys=FORWARD_KEYS, names=REF_NAMES, rows_per_call=rows_per_call)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -141,47 +131,25 @@ def main(cfg: DPOConfig) -> dict:
     """Run DPO / cDPO / IPO; returns ``fit``'s summary (metrics, paths, final parameters)."""
     mesh = setup_mesh(cfg)
 
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxrlhf.data.preference import PairedDataset, check_vocab
-    from jaxrlhf.models import ModelConfig, from_pretrained
-    from jaxrlhf.train.steps import make_forward
+    from jaxrlhf.data.preference import PairedDataset
+    from jaxrlhf.models import ModelConfig
 
     # ---------------------------------------------------------------- data (every check before any compute)
     tokenizer = load_tokenizer_for(cfg)
-    model_cfg = ModelConfig.from_dir(cfg.pretrain)
-    ref_path = cfg.ref_pretrain or cfg.pretrain
-    ref_vocab = ModelConfig.from_dir(ref_path).vocab_size
-    if ref_vocab != model_cfg.vocab_size:
-        raise ValueError(f"--ref_pretrain {ref_path} has vocab_size {ref_vocab}, --pretrain {cfg.pretrain} has "
-                         f"{model_cfg.vocab_size}: the reference must share the policy's tokenizer")
+    ref_path = reference_path(cfg.ref_pretrain, cfg.pretrain)
     train_records, eval_records = load_train_eval(cfg)
 
-    def pairs(records, source: str, what: str) -> PairedDataset:
-        ds = PairedDataset(records, tokenizer, prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key,
-                           rejected_key=cfg.rejected_key, input_template=cfg.input_template,
-                           apply_chat_template=cfg.apply_chat_template, max_len=cfg.max_len, source=source)
-        print(f"[data] {what}: {ds.summary()}", file=sys.stderr)
-        check_vocab(ds, model_cfg.vocab_size, f"--pretrain {cfg.pretrain}")
-        return ds
+    def pairs(records, source: str) -> PairedDataset:
+        return PairedDataset(records, tokenizer, prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key,
+                             rejected_key=cfg.rejected_key, input_template=cfg.input_template,
+                             apply_chat_template=cfg.apply_chat_template, max_len=cfg.max_len, source=source)
 
-    train = pairs(train_records, cfg.dataset, "train")
-    evaluation = None
-    if eval_records is not None:
-        evaluation = pairs(eval_records, cfg.eval_dataset or f"{cfg.eval_holdout} of {cfg.dataset}", "eval")
+    train, evaluation = tokenize_splits(cfg, train_records, eval_records, pairs,
+                                        vocab_size=ModelConfig.from_dir(cfg.pretrain).vocab_size)
 
     # ---------------------------------------------------------------- policy, frozen reference
     model = load_model(cfg, mesh, head="lm")
-    # A separate copy (the policy's buffers are donated by the train step); with --bf16 it is stored in bf16,
-    # exactly the values the policy's fp32 masters are cast to for compute at step 0.
-    ref = from_pretrained(ref_path, mesh=mesh, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32, head="lm")
-    ref_def, ref_state = nnx.split(ref)
-    ref_params = ref_state.to_pure_dict()
-    del ref, ref_state
-    ref_forward = make_forward(ref_def, ref_logprobs, params=ref_params, mesh=mesh)
-    prepare = make_reference(ref_forward, ref_params,
-                             rows_per_call=cfg.micro_train_batch_size * data_parallel_size(mesh))
+    prepare = frozen_reference(cfg, mesh, ref_path, ref_logprobs, keys=FORWARD_KEYS, names=REF_NAMES)
 
     loss_fn = make_dpo_loss(beta=cfg.beta, label_smoothing=cfg.label_smoothing, ipo=cfg.ipo,
                             nll_loss_coef=cfg.nll_loss_coef)

@@ -25,13 +25,12 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
-
 from jaxrlhf.cli import arg
-from jaxrlhf.train.supervised import SupervisedConfig, data_parallel_size, fit, load_model, load_tokenizer_for, \
-    load_train_eval, run_cli, setup_mesh
+from jaxrlhf.train.supervised import SupervisedConfig, chunked_prepare, fit, frozen_reference, load_model, \
+    load_tokenizer_for, load_train_eval, reference_path, run_cli, setup_mesh, tokenize_splits
 
 FORWARD_KEYS = ("input_ids", "attention_mask", "loss_mask", "kl_input_ids", "kl_attention_mask", "kl_loss_mask")
+REF_NAMES = ("ref_logp", "ref_kl_logp")  # the reference's log-probs, added to every batch
 
 
 @dataclass
@@ -107,17 +106,8 @@ def make_kto_loss(*, beta: float, desirable_weight: float = 1.0, undesirable_wei
 
 def make_reference(forward, params, *, rows_per_call: int):
     """``prepare(batch) -> batch`` adding the frozen reference's ``ref_logp`` / ``ref_kl_logp`` [n], computed by the
-    jitted ``forward(params, rows)`` in chunks of ``rows_per_call`` samples."""
-    def prepare(b: dict) -> dict:
-        n = len(b["input_ids"])
-        logp, kl_logp = [], []
-        for a in range(0, n, rows_per_call):
-            x, y = forward(params, {k: b[k][a:a + rows_per_call] for k in FORWARD_KEYS})
-            logp.append(np.asarray(x))
-            kl_logp.append(np.asarray(y))
-        return {**b, "ref_logp": np.concatenate(logp), "ref_kl_logp": np.concatenate(kl_logp)}
-
-    return prepare
+    jitted ``forward(params, rows)`` (of ``sample_logprobs``) in chunks of ``rows_per_call`` samples."""
+    return chunked_prepare(forward, params, keys=FORWARD_KEYS, names=REF_NAMES, rows_per_call=rows_per_call)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,44 +119,25 @@ def main(cfg: KTOConfig) -> dict:
     """Run KTO; returns ``fit``'s summary (metrics, paths, final parameters)."""
     mesh = setup_mesh(cfg)
 
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxrlhf.data.preference import UnpairedDataset, check_vocab
-    from jaxrlhf.models import ModelConfig, from_pretrained
-    from jaxrlhf.train.steps import make_forward
+    from jaxrlhf.data.preference import UnpairedDataset
+    from jaxrlhf.models import ModelConfig
 
     # ---------------------------------------------------------------- data (every check before any compute)
     tokenizer = load_tokenizer_for(cfg)
-    vocab = ModelConfig.from_dir(cfg.pretrain).vocab_size
-    ref_path = cfg.ref_pretrain or cfg.pretrain
-    if ModelConfig.from_dir(ref_path).vocab_size != vocab:
-        raise ValueError(f"--ref_pretrain {ref_path} and --pretrain {cfg.pretrain} have different vocab sizes: the "
-                         "reference must share the policy's tokenizer")
+    ref_path = reference_path(cfg.ref_pretrain, cfg.pretrain)
     train_records, eval_records = load_train_eval(cfg)
 
-    def samples(records, source: str, what: str) -> UnpairedDataset:
-        ds = UnpairedDataset(records, tokenizer, input_key=cfg.input_key, output_key=cfg.output_key,
-                             label_key=cfg.label_key, input_template=cfg.input_template,
-                             apply_chat_template=cfg.apply_chat_template, max_len=cfg.max_len, source=source)
-        print(f"[data] {what}: {ds.summary()}", file=sys.stderr)
-        check_vocab(ds, vocab, f"--pretrain {cfg.pretrain}")
-        return ds
+    def samples(records, source: str) -> UnpairedDataset:
+        return UnpairedDataset(records, tokenizer, input_key=cfg.input_key, output_key=cfg.output_key,
+                               label_key=cfg.label_key, input_template=cfg.input_template,
+                               apply_chat_template=cfg.apply_chat_template, max_len=cfg.max_len, source=source)
 
-    train = samples(train_records, cfg.dataset, "train")
-    evaluation = None
-    if eval_records is not None:
-        evaluation = samples(eval_records, cfg.eval_dataset or f"{cfg.eval_holdout} of {cfg.dataset}", "eval")
+    train, evaluation = tokenize_splits(cfg, train_records, eval_records, samples,
+                                        vocab_size=ModelConfig.from_dir(cfg.pretrain).vocab_size)
 
     # ---------------------------------------------------------------- policy, frozen reference
     model = load_model(cfg, mesh, head="lm")
-    ref = from_pretrained(ref_path, mesh=mesh, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32, head="lm")
-    ref_def, ref_state = nnx.split(ref)
-    ref_params = ref_state.to_pure_dict()
-    del ref, ref_state
-    ref_forward = make_forward(ref_def, sample_logprobs, params=ref_params, mesh=mesh)
-    prepare = make_reference(ref_forward, ref_params,
-                             rows_per_call=cfg.micro_train_batch_size * data_parallel_size(mesh))
+    prepare = frozen_reference(cfg, mesh, ref_path, sample_logprobs, keys=FORWARD_KEYS, names=REF_NAMES)
 
     loss_fn = make_kto_loss(beta=cfg.beta, desirable_weight=cfg.desirable_loss_weight,
                             undesirable_weight=cfg.undesirable_loss_weight)

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxrlhf.cli import arg
 from jaxrlhf.train.supervised import SupervisedConfig, data_parallel_size, fit, load_model, load_tokenizer_for, \
-    load_train_eval, run_cli, setup_mesh
+    load_train_eval, run_cli, setup_mesh, tokenize_splits
 
 SCORE_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
 
@@ -118,31 +118,25 @@ def main(cfg: RMConfig) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxrlhf.data.preference import PairedDataset, check_vocab
+    from jaxrlhf.data.preference import PairedDataset
     from jaxrlhf.models import ModelConfig
     from jaxrlhf.train.steps import make_forward
 
     # ---------------------------------------------------------------- data (every check before any compute)
     tokenizer = load_tokenizer_for(cfg)
     model_cfg = ModelConfig.from_dir(cfg.pretrain)
-    vocab = model_cfg.vocab_size
     train_records, eval_records = load_train_eval(cfg)
 
-    def pairs(records, source: str, what: str) -> PairedDataset:
+    def pairs(records, source: str) -> PairedDataset:
         ds = PairedDataset(records, tokenizer, prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key,
                            rejected_key=cfg.rejected_key, input_template=cfg.input_template,
                            apply_chat_template=cfg.apply_chat_template, max_len=cfg.max_len, source=source)
-        print(f"[data] {what}: {ds.summary()}", file=sys.stderr)
         if cfg.margin_loss and not ds.has_margin:
             raise ValueError(f"--margin_loss is set but dataset {source} has no 'margin' field; available keys: "
                              f"{list(records.column_names)}")
-        check_vocab(ds, vocab, f"--pretrain {cfg.pretrain}")
         return ds
 
-    train = pairs(train_records, cfg.dataset, "train")
-    evaluation = None
-    if eval_records is not None:
-        evaluation = pairs(eval_records, cfg.eval_dataset or f"{cfg.eval_holdout} of {cfg.dataset}", "eval")
+    train, evaluation = tokenize_splits(cfg, train_records, eval_records, pairs, vocab_size=model_cfg.vocab_size)
 
     eos = model_cfg.eos_token_id if isinstance(model_cfg.eos_token_id, list) else [model_cfg.eos_token_id]
     if model_cfg.pad_token_id is None or model_cfg.pad_token_id in eos:

@@ -23,7 +23,7 @@ from typing import Optional
 
 from jaxrlhf.cli import arg
 from jaxrlhf.train.supervised import SupervisedConfig, check_batch_arithmetic, data_parallel_size, fit, load_model, \
-    load_tokenizer_for, load_train_eval, run_cli, setup_mesh
+    load_tokenizer_for, load_train_eval, run_cli, setup_mesh, tokenize_splits
 
 
 @dataclass
@@ -67,29 +67,21 @@ def main(cfg: SFTConfig) -> dict:
     vocab = ModelConfig.from_dir(cfg.pretrain).vocab_size
     train_records, eval_records = load_train_eval(cfg)
 
-    def tokenized(records, source: str, what: str):
-        ds = SFTDataset(records, tokenizer, input_key=cfg.input_key, output_key=cfg.output_key,
-                        input_template=cfg.input_template, apply_chat_template=cfg.apply_chat_template,
-                        multiturn=cfg.multiturn, pretrain_mode=cfg.pretrain_mode, max_len=cfg.max_len, source=source)
-        print(f"[data] {what}: {ds.summary()}", file=sys.stderr)
-        top = max(max(s.input_ids) for s in ds.samples)
-        if top >= vocab:
-            raise ValueError(f"the tokenizer of --pretrain {cfg.pretrain} produced token id {top}, beyond the model's "
-                             f"vocab_size {vocab}: the tokenizer and the model do not belong together")
-        if not cfg.packing_samples:
+    def tokenized(records, source: str) -> SFTDataset:
+        return SFTDataset(records, tokenizer, input_key=cfg.input_key, output_key=cfg.output_key,
+                          input_template=cfg.input_template, apply_chat_template=cfg.apply_chat_template,
+                          multiturn=cfg.multiturn, pretrain_mode=cfg.pretrain_mode, max_len=cfg.max_len, source=source)
+
+    def packed(ds: SFTDataset | None, what: str):
+        if ds is None or not cfg.packing_samples:
             return ds
-        packed = PackedDataset([s.input_ids for s in ds.samples], [s.loss_mask for s in ds.samples],
-                               row_len=cfg.max_len, pad_id=ds.pad_id)
-        print(f"[data] {what}: {packed.summary()}", file=sys.stderr)
-        return packed
+        rows = PackedDataset([s.input_ids for s in ds.samples], [s.loss_mask for s in ds.samples],
+                             row_len=cfg.max_len, pad_id=ds.pad_id)
+        print(f"[data] {what}: {rows.summary()}", file=sys.stderr)
+        return rows
 
-    train = tokenized(train_records, cfg.dataset + (f" (train part, --eval_holdout {cfg.eval_holdout})"
-                                                    if eval_records is not None and not cfg.eval_dataset else ""), "train")
-    evaluation = None
-    if eval_records is not None:
-        evaluation = tokenized(eval_records, cfg.eval_dataset or f"{cfg.dataset} (eval part, --eval_holdout "
-                               f"{cfg.eval_holdout})", "eval")
-
+    train, evaluation = tokenize_splits(cfg, train_records, eval_records, tokenized, vocab_size=vocab)
+    train, evaluation = packed(train, "train"), packed(evaluation, "eval")
     check_batch_arithmetic(cfg, data_parallel_size(mesh), len(train), None if evaluation is None else len(evaluation))
 
     # ---------------------------------------------------------------- model and the shared loop

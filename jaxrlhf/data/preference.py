@@ -183,8 +183,8 @@ def prompt_fits(prompt_ids: Sequence[int], max_len: int) -> bool:
 
 
 def _check_common(tokenizer: PreTrainedTokenizerBase, *, max_len: int, input_template: str | None,
-                  apply_chat_template: bool) -> int:
-    """Shared argument checks; returns the EOS id."""
+                  apply_chat_template: bool) -> tuple[int, int]:
+    """Shared argument checks; returns the EOS id and the pad id (EOS when the tokenizer has no pad token)."""
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3 (a prompt token, a response token and EOS), got {max_len}")
     if input_template is not None and "{}" not in input_template:
@@ -198,7 +198,8 @@ def _check_common(tokenizer: PreTrainedTokenizerBase, *, max_len: int, input_tem
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; every preference sample ends with EOS: set eos_token in "
                          "its tokenizer_config.json")
-    return int(tokenizer.eos_token_id)
+    eos_id = int(tokenizer.eos_token_id)
+    return eos_id, int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id)
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
@@ -207,8 +208,17 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def check_vocab(data: "PairedDataset | UnpairedDataset", vocab_size: int, model: str) -> None:
-    """Every token id must exist in the model's embedding table (a tokenizer/model mismatch is an error here, not an
+def _fitting_rows(prompt_ids: list[list[int]], max_len: int, *, what: str, source: str) -> list[int]:
+    """Rows whose prompt leaves room for a response (``prompt_fits``); an error when there is none."""
+    rows = [i for i, p in enumerate(prompt_ids) if prompt_fits(p, max_len)]
+    if not rows:
+        raise ValueError(f"dataset {source}: all {len(prompt_ids)} {what} were dropped because their prompts leave "
+                         f"fewer than 2 of --max_len {max_len} tokens for the response; raise --max_len")
+    return rows
+
+
+def check_vocab(data: Any, vocab_size: int, model: str) -> None:
+    """Every token id of ``data`` (its ``max_token_id``) must exist in the model's embedding table (a tokenizer/model mismatch is an error here, not an
     out-of-range gather on the device)."""
     if data.max_token_id >= vocab_size:
         raise ValueError(f"the tokenizer of {model} produced token id {data.max_token_id}, beyond the model's "
@@ -264,9 +274,8 @@ class PairedDataset:
         padding_side: PaddingSide = "right",
         source: str = "<records>",
     ) -> None:
-        self.eos_id = _check_common(tokenizer, max_len=max_len, input_template=input_template,
-                                    apply_chat_template=apply_chat_template)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        self.eos_id, self.pad_id = _check_common(tokenizer, max_len=max_len, input_template=input_template,
+                                                 apply_chat_template=apply_chat_template)
         self.max_len, self.padding_side, self.source = max_len, padding_side, source
         keys = ([prompt_key] if prompt_key else []) + [chosen_key, rejected_key]
         columns = _check_records(records, keys, source)
@@ -291,23 +300,12 @@ class PairedDataset:
         chosen_ids = _tokenize(tokenizer, chosen_texts)
         rejected_ids = _tokenize(tokenizer, rejected_texts)
 
-        self.items: list[Pair] = []
-        self.rows: list[int] = []  # source row of each kept pair
-        self.num_records = n
-        self.num_dropped = self.num_truncated = 0
-        for i in range(n):
-            if not prompt_fits(prompt_ids[i], max_len):
-                self.num_dropped += 1
-                continue
-            pair = Pair(prompt_ids[i], with_eos(chosen_ids[i], self.eos_id), with_eos(rejected_ids[i], self.eos_id),
-                        margins[i])
-            self.num_truncated += int(len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
-                                      > max_len)
-            self.items.append(pair)
-            self.rows.append(i)
-        if not self.items:
-            raise ValueError(f"dataset {source}: all {n} pairs were dropped because their prompts leave fewer than 2 "
-                             f"of --max_len {max_len} tokens for the response; raise --max_len")
+        self.rows = _fitting_rows(prompt_ids, max_len, what="pairs", source=source)  # source row of each kept pair
+        self.items: list[Pair] = [Pair(prompt_ids[i], with_eos(chosen_ids[i], self.eos_id),
+                                       with_eos(rejected_ids[i], self.eos_id), margins[i]) for i in self.rows]
+        self.num_records, self.num_dropped = n, n - len(self.rows)
+        self.num_truncated = sum(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) > max_len
+                                 for p in self.items)
         self.seq_len = padded_length(max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
                                          for p in self.items), max_len)
         self.max_token_id = max(max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in self.items)
@@ -384,9 +382,8 @@ class UnpairedDataset:
         padding_side: PaddingSide = "right",
         source: str = "<records>",
     ) -> None:
-        self.eos_id = _check_common(tokenizer, max_len=max_len, input_template=input_template,
-                                    apply_chat_template=apply_chat_template)
-        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        self.eos_id, self.pad_id = _check_common(tokenizer, max_len=max_len, input_template=input_template,
+                                                 apply_chat_template=apply_chat_template)
         self.max_len, self.padding_side, self.source = max_len, padding_side, source
         if output_key is None and not apply_chat_template:
             raise ValueError("--output_key is required unless --apply_chat_template is set (then the last message of "
@@ -412,19 +409,11 @@ class UnpairedDataset:
         prompt_ids = _tokenize(tokenizer, prompt_texts)
         response_ids = _tokenize(tokenizer, response_texts)
 
-        self.items: list[Unpaired] = []
-        self.num_records = n
-        self.num_dropped = self.num_truncated = 0
-        for i in range(n):
-            if not prompt_fits(prompt_ids[i], max_len):
-                self.num_dropped += 1
-                continue
-            item = Unpaired(prompt_ids[i], with_eos(response_ids[i], self.eos_id), labels[i])
-            self.num_truncated += int(len(item.prompt_ids) + len(item.response_ids) > max_len)
-            self.items.append(item)
-        if not self.items:
-            raise ValueError(f"dataset {source}: all {n} samples were dropped because their prompts leave fewer than "
-                             f"2 of --max_len {max_len} tokens for the response; raise --max_len")
+        rows = _fitting_rows(prompt_ids, max_len, what="samples", source=source)
+        self.items: list[Unpaired] = [Unpaired(prompt_ids[i], with_eos(response_ids[i], self.eos_id), labels[i])
+                                      for i in rows]
+        self.num_records, self.num_dropped = n, n - len(rows)
+        self.num_truncated = sum(len(it.prompt_ids) + len(it.response_ids) > max_len for it in self.items)
         if len(self.items) < 2:
             raise ValueError(f"dataset {self.source} has {len(self.items)} usable sample(s); KTO pairs each prompt "
                              "with another sample's response (the KL reference point): give it at least 2")

@@ -140,6 +140,7 @@ class SFTDataset:
         if not self.samples:
             raise ValueError(f"no usable samples in dataset {source}: {self.summary()}")
         longest = max(len(s.input_ids) for s in self.samples)
+        self.max_token_id = max(max(s.input_ids) for s in self.samples)  # checked against the model's vocab_size
         self.seq_len = min(max_len, -(-longest // 8) * 8)  # one padded length for every batch: one compile
 
     def __len__(self) -> int:

@@ -34,7 +34,8 @@ Data (``BatchSource``): ``len(data)`` rows, and ``data.batch(indices)`` -> dict 
 Optional hooks:
 - ``prepare(batch) -> batch``: runs on every global batch (train and eval, host NumPy in and out) before it is
   split into micro-batches; e.g. DPO's reference log-probs from a frozen model (use ``steps.make_forward``).
-- ``extra_config(params) -> dict``: keys merged into the exported ``config.json`` (the RM's reward mean/std).
+- ``extra_config(params) -> dict``: keys merged into the exported ``config.json`` (the RM's reward mean/std). It
+  runs on every process (it may call jitted forwards on the mesh), before the export; only process 0 writes.
 
 Batch arithmetic (OpenRLHF's): ``--train_batch_size`` rows per optimizer step; ``--micro_train_batch_size`` rows
 per data-parallel rank per micro-batch (dp = data x fsdp mesh axes), so a micro-batch holds ``micro x dp`` rows and
@@ -201,6 +202,71 @@ def load_train_eval(cfg: SupervisedConfig):
     return train, None
 
 
+def tokenize_splits(cfg: SupervisedConfig, train_records, eval_records, build: Callable[[Any, str], Any], *,
+                    vocab_size: int):
+    """(train, eval or None): ``build(records, source)`` on each split (``source`` names the data in messages), its
+    ``summary()`` logged and its ``max_token_id`` checked against the model's ``vocab_size`` (before any compute)."""
+    from jaxrlhf.data.preference import check_vocab
+
+    holdout = f"--eval_holdout {cfg.eval_holdout}"
+
+    def one(records, source: str, what: str):
+        ds = build(records, source)
+        print(f"[data] {what}: {ds.summary()}", file=sys.stderr)
+        check_vocab(ds, vocab_size, f"--pretrain {cfg.pretrain}")
+        return ds
+
+    if eval_records is None:
+        return one(train_records, cfg.dataset, "train"), None
+    if cfg.eval_dataset:
+        return one(train_records, cfg.dataset, "train"), one(eval_records, cfg.eval_dataset, "eval")
+    return (one(train_records, f"{cfg.dataset} (train part, {holdout})", "train"),
+            one(eval_records, f"{cfg.dataset} (eval part, {holdout})", "eval"))
+
+
+def reference_path(ref_pretrain: str | None, pretrain: str) -> str:
+    """``--ref_pretrain`` (default: ``--pretrain``, the initial policy), checked to share the policy's vocabulary."""
+    from jaxrlhf.models import ModelConfig
+
+    path = ref_pretrain or pretrain
+    ref_vocab, vocab = ModelConfig.from_dir(path).vocab_size, ModelConfig.from_dir(pretrain).vocab_size
+    if ref_vocab != vocab:
+        raise ValueError(f"--ref_pretrain {path} has vocab_size {ref_vocab}, --pretrain {pretrain} has {vocab}: the "
+                         "reference must share the policy's tokenizer")
+    return path
+
+
+def chunked_prepare(forward, params, *, keys: tuple[str, ...], names: tuple[str, ...], rows_per_call: int):
+    """``prepare(batch) -> batch`` adding ``names[i]`` [n] = output i of the jitted ``forward(params, rows)``, run on
+    the ``keys`` of the batch in chunks of ``rows_per_call`` rows (a frozen reference's log-probs for DPO / KTO)."""
+    def prepare(b: dict) -> dict:
+        n = len(b[keys[0]])
+        outs = [forward(params, {k: b[k][a:a + rows_per_call] for k in keys}) for a in range(0, n, rows_per_call)]
+        return {**b, **{name: np.concatenate([np.asarray(o[i]) for o in outs]) for i, name in enumerate(names)}}
+
+    return prepare
+
+
+def frozen_reference(cfg: SupervisedConfig, mesh, path: str, fn: Callable[[Any, dict], tuple], *,
+                     keys: tuple[str, ...], names: tuple[str, ...]):
+    """The ``prepare`` hook of a frozen reference model: ``path`` loaded on ``mesh`` (a separate copy: the policy's
+    buffers are donated by the train step; with ``--bf16`` stored in bf16, exactly the values the policy's fp32
+    masters are cast to for compute at step 0) and ``fn(model, rows)`` jitted without gradient, in chunks of
+    ``--micro_train_batch_size`` x dp rows (``chunked_prepare``)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.train.steps import make_forward
+
+    ref = from_pretrained(path, mesh=mesh, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32, head="lm")
+    graphdef, state = nnx.split(ref)
+    params = state.to_pure_dict()
+    del ref, state
+    return chunked_prepare(make_forward(graphdef, fn, params=params, mesh=mesh), params, keys=keys, names=names,
+                           rows_per_call=cfg.micro_train_batch_size * data_parallel_size(mesh))
+
+
 def load_model(cfg: SupervisedConfig, mesh, *, head: str = "lm", path: str | None = None):
     """``--pretrain`` (or ``path``) as an fp32 ``Decoder`` sharded on ``mesh``; ``head="score"`` on a causal LM adds
     a fresh value head seeded by ``--seed``; ``--gradient_checkpointing`` turns on layer remat."""
@@ -248,15 +314,24 @@ WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json")
 
 
 def export_into(params, model_cfg, save_path: str, *, head: str, aux_from: str | None,
-                extra_config: dict | None = None) -> str:
+                extra_config: dict | None = None) -> str | None:
     """Write ``params`` as an HF directory INTO ``save_path``, keeping whatever else lives there (logs, checkpoints).
+
+    Call it on EVERY process: a parameter sharded across hosts is all-gathered tensor by tensor (a collective); only
+    process 0 writes (and returns ``save_path``; the others return None).
 
     The model is first written completely to a temporary directory inside ``save_path`` (``converters.hf.export_hf``),
     then each file is renamed into place (weights first, ``config.json`` last); weight files of an earlier export
     that the new one does not have are removed, so the directory never mixes two exports' shards.
     """
-    from converters.hf import export_hf
+    import jax
 
+    from converters.hf import export_hf, hf_tensors
+
+    if jax.process_index() != 0:  # multi-host: join process 0's per-tensor gathers (a collective), write nothing
+        for _ in hf_tensors(params, model_cfg):  # export_hf gathers in this same (tree) order
+            pass
+        return None
     os.makedirs(save_path, exist_ok=True)
     tmp = os.path.join(save_path, f".export-{os.getpid()}")
     export_hf(params, model_cfg, tmp, head=head, aux_from=aux_from, extra_config=extra_config, overwrite=True)
@@ -431,13 +506,15 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     # ---------------------------------------------------------------- outputs
     out = {"metrics": metrics, "eval": eval_metrics, "log": os.path.join(log_dir, "metrics.jsonl"),
            "steps": total_steps, "params": params}
-    if jax.process_index() == 0 and start_step < total_steps:
-        plot = os.path.join(cfg.save_path, f"{name}_metrics.png")
-        plot_metrics(out["log"], list(plot_keys), plot)
-        out["plot"] = plot
+    if start_step < total_steps:
+        # Every process: extra_config may run jitted forwards on the mesh and the export gathers each sharded
+        # tensor (collectives); only process 0 writes files.
         extra = extra_config(params) if extra_config is not None else None
-        out["save_path"] = export_into(params, model_cfg, cfg.save_path, head=head, aux_from=cfg.pretrain,
-                                       extra_config=extra)
+        saved = export_into(params, model_cfg, cfg.save_path, head=head, aux_from=cfg.pretrain, extra_config=extra)
+        if jax.process_index() == 0:
+            out["save_path"] = saved
+            out["plot"] = os.path.join(cfg.save_path, f"{name}_metrics.png")
+            plot_metrics(out["log"], list(plot_keys), out["plot"])
     return out
 
 
@@ -455,6 +532,10 @@ def run_cli(config_cls: type, main: Callable[[Any], dict], argv: list[str] | Non
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    import jax
+
+    if jax.process_index() != 0:  # the metrics log and outputs are process 0's (maybe on its own disk)
+        return 0
     from jaxrlhf.train.metrics import read_metrics
 
     logged = [r for r in read_metrics(out["log"]) if "loss" in r]
