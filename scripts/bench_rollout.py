@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/bench_rollout.py --out /tmp/bench_rollout.json [--demo_steps 12]
 
-1. broadcast: a random Qwen2-0.5B-shaped model (24 layers, hidden 896, head_dim 64, vocab 151936; ~0.49B params)
+1. broadcast: a random Qwen2-0.5B-shaped model (24 layers, hidden 896, head_dim 64, vocab 151936; ~0.49B params;
+   ``--model tiny``: 4 layers, hidden 256, where per-call overheads show)
    is trained nowhere, only moved: ``VLLMPool.update_weights(hf_tensors(params))`` into one vLLM engine
    (gather + transpose + cast to ``--dtype`` + object store + in-place reload), best of 3 syncs, next to
    - ``gather``: the same ``hf_tensors`` iteration alone (no engine), and
@@ -30,6 +31,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1,
+            eos_token_id=2, pad_token_id=0)
 QWEN05 = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
               bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -136,19 +140,22 @@ def demo_step_time(steps: int, use_vllm: bool, workdir: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_rollout.json")
+    ap.add_argument("--model", choices=("qwen0.5b", "tiny"), default="qwen0.5b",
+                    help="qwen0.5b: the broadcast figure's size; tiny (4 layers, hidden 256): per-call overheads show")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--kv_cache_mb", type=int, default=512)
-    ap.add_argument("--dtype", default="float32", help="engine dtype; bfloat16 needs AVX512-BF16/AMX on the CPU "
-                    "build (on this project's AVX2-only machines a bf16 0.5B engine took 500 s to start and over 8 min for the rollout)")
+    ap.add_argument("--dtype", default="float32",
+                    help="engine dtype; bfloat16 needs AVX512-BF16/AMX on the CPU build (on this project's AVX2-only "
+                         "machines a bf16 0.5B engine took 500 s to start and over 8 min for the rollout)")
     ap.add_argument("--demo_steps", type=int, default=0, help="also time the PPO demo (0: skip)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 1000, int(rng.integers(8, 33))).tolist() for _ in range(args.prompts)]
+    prompts = [rng.integers(3, 1000, int(rng.integers(8, 33))).tolist() for _ in range(args.prompts)]  # ids < vocab
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = os.path.join(tmp, "qwen2-0.5b-random")
-        n_params = build(model_dir, QWEN05)
+        model_dir = os.path.join(tmp, f"{args.model}-random")
+        n_params = build(model_dir, QWEN05 if args.model == "qwen0.5b" else TINY)
         res = {"params": n_params, **bench_broadcast_and_rollout(model_dir, prompts, args.max_tokens,
                                                                   args.kv_cache_mb, args.dtype)}
         if args.demo_steps:

@@ -223,8 +223,8 @@ def test_ppo_with_two_engines_logs_small_logprob_drift(tmp_path):
     cfg = PPOConfig(pretrain=str(tmp_path / "model"), prompt_data=str(tmp_path / "prompts.jsonl"),
                     input_key="question", label_key="answer", remote_rm_url=str(tmp_path / "reward.py"),
                     prompt_max_len=4, generate_max_len=3, rollout_batch_size=8, n_samples_per_prompt=2,
-                    micro_rollout_batch_size=2, train_batch_size=8, micro_train_batch_size=1, max_steps=3, num_episodes=2,
-                    actor_learning_rate=1e-3, critic_learning_rate=1e-3, init_kl_coef=0.05,
+                    micro_rollout_batch_size=2, train_batch_size=8, micro_train_batch_size=1, max_steps=3,
+                    num_episodes=2, actor_learning_rate=1e-3, critic_learning_rate=1e-3, init_kl_coef=0.05,
                     save_path=str(tmp_path / "run"), ckpt_path=str(tmp_path / "run" / "ckpt"), seed=7,
                     vllm_num_engines=2, vllm_kv_cache_mb=64, vllm_sync_check="every",
                     vllm_sync_backend=SYNC_BACKEND)

@@ -161,7 +161,8 @@ class _EngineActor:
         from vllm import LLM
 
         self.index = index
-        kwargs = dict(model=cfg["model"], load_format=cfg["load_format"], tensor_parallel_size=cfg["tensor_parallel_size"], dtype=cfg["dtype"],
+        kwargs = dict(model=cfg["model"], load_format=cfg["load_format"],
+                      tensor_parallel_size=cfg["tensor_parallel_size"], dtype=cfg["dtype"],
                       seed=cfg["seed"] + index, enforce_eager=cfg["enforce_eager"],
                       enable_prefix_caching=cfg["enable_prefix_caching"], max_model_len=cfg["max_model_len"],
                       skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
