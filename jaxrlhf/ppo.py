@@ -180,7 +180,10 @@ def _main(cfg: PPOConfig, cleanup: contextlib.ExitStack) -> dict:
     roles_mesh = {"ref": cfg.ref_mesh, "reward": cfg.reward_mesh}
     if cfg.dry_run:
         from jaxrlhf.plan import dry_run_ppo
+        from sharding import parse_mesh
 
+        spec = parse_mesh(cfg.mesh)
+        check_batch_arithmetic(cfg, spec.data * spec.fsdp)
         return dry_run_ppo(cfg)
     launch = distributed.start(cfg, lambda n: placement.plan_devices(cfg.mesh, roles_mesh, n)["per_host"])
     if cfg.device_memory_gb is not None:  # refuse a plan that cannot fit before loading anything

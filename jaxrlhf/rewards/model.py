@@ -7,6 +7,8 @@ last real token of each sequence. With ``normalize``, a model's score becomes ``
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -30,6 +32,7 @@ class RewardModels:
             mean, std = float(hf.get("mean", 0.0)), float(hf.get("std", 1.0))
             fwd = make_forward(graphdef, _score, params=params, mesh=mesh, compute_dtype=compute_dtype)
             self.models.append((path, params, fwd, mean, std))
+        self.offloaded = False
 
     def __call__(self, seqs_bt: np.ndarray, attn_bt: np.ndarray, *, normalize: bool) -> np.ndarray:
         """Summed scores ``[B]`` (float32) of one micro-batch."""
@@ -38,3 +41,26 @@ class RewardModels:
             s = np.asarray(fwd(params, {"seqs": jnp.asarray(seqs_bt), "attn": jnp.asarray(attn_bt)}))
             total += (s - mean) / std if normalize else s
         return total
+
+    # -- host offload between uses (--reward_offload; sharding/placement.py)
+    def offload(self) -> None:
+        """Keep every model's parameters in host memory; ``on_device()`` brings them back for a pass."""
+        from sharding.placement import offload
+
+        self.models = [(path, offload(params), fwd, mean, std) for path, params, fwd, mean, std in self.models]
+        self.offloaded = True
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """The parameters in device memory inside the block (a no-op unless offloaded); freed again after it."""
+        if not self.offloaded:
+            yield self
+            return
+        from sharding.placement import onload
+
+        host = self.models
+        self.models = [(path, onload(params), fwd, mean, std) for path, params, fwd, mean, std in host]
+        try:
+            yield self
+        finally:
+            self.models = host

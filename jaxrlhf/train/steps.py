@@ -7,6 +7,10 @@ then applies one optimizer update. Loss functions must normalise by counts of th
 
 Parameters are fp32 master weights; ``compute_dtype=bfloat16`` casts them inside the differentiated function,
 so gradients and optimizer state stay fp32. Parameters and optimizer state are donated.
+
+Multi-host: batches are host NumPy values that are the same on every process (the global batch); each process
+places only its own shards (``sharding.distributed.global_array``). Forward outputs are replicated, so every process
+can read them: return per-sample / per-token values from a forward, not logits.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrlhf.train.optim import cast_floating
 from sharding import BATCH
+from sharding.distributed import global_array
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]  # (model, micro_batch) -> (loss, metrics)
 
@@ -41,16 +46,15 @@ def shardings_of(tree):
 
 
 def init_optimizer(tx: optax.GradientTransformation, params, mesh):
-    """Optimizer state created on the devices: moments sharded like their parameters, scalars replicated."""
-    state = jax.jit(tx.init)(params)
-    replicated = NamedSharding(mesh, P())
+    """Optimizer state created on the devices: moments sharded like their parameters, scalars replicated.
 
-    def place(x):
-        sh = x.sharding
-        if isinstance(sh, NamedSharding) and sh.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated)
-    return jax.tree_util.tree_map(place, state)
+    The shardings are given to the jit explicitly (``optax.tree_map_params`` finds the parameter-shaped leaves):
+    left to propagation, ``zeros_like`` moments come out replicated, i.e. a full copy of Adam's state per device.
+    """
+    replicated = NamedSharding(mesh, P())
+    shardings = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), shardings_of(params),
+                                      transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *, params, opt_state, mesh,
@@ -86,9 +90,10 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
                                                                   jax.tree_util.tree_leaves(micro_batches))
         if key not in compiled:
             b_sh = batch_shardings(micro_batches, mesh, stacked=True)
-            compiled[key] = jax.jit(step, in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None),
-                                    donate_argnums=(0, 1))
-        return compiled[key](params, opt_state, micro_batches)
+            compiled[key] = b_sh, jax.jit(step, in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None),
+                                          donate_argnums=(0, 1))
+        b_sh, fn = compiled[key]
+        return fn(params, opt_state, jax.tree_util.tree_map(global_array, micro_batches, b_sh))  # multi-host
 
     return run
 
@@ -107,8 +112,11 @@ def make_forward(graphdef, fn: Callable[[Any, dict], Any], *, params, mesh, comp
     def run(params, batch):
         key = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
         if key not in compiled:
-            compiled[key] = jax.jit(f, in_shardings=(p_sh, batch_shardings(batch, mesh, stacked=False)))
-        return compiled[key](params, batch)
+            b_sh = batch_shardings(batch, mesh, stacked=False)
+            # outputs replicated: every process can read them (np.asarray) when the mesh spans several hosts
+            compiled[key] = b_sh, jax.jit(f, in_shardings=(p_sh, b_sh), out_shardings=NamedSharding(mesh, P()))
+        b_sh, fn = compiled[key]
+        return fn(params, jax.tree_util.tree_map(global_array, batch, b_sh))  # multi-host
 
     return run
 

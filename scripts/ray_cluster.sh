@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Bring up the Ray cluster a jaxrlhf Ray job runs on (the OpenRLHF-style workflow): run it once on every node.
+#
+#   head node:    bash scripts/ray_cluster.sh head
+#   other nodes:  HEAD_IP=10.0.0.1 bash scripts/ray_cluster.sh worker
+#   any node:     bash scripts/ray_cluster.sh stop
+#   then submit:  HEAD_IP=10.0.0.1 bash scripts/ray_ppo_job.sh
+#
+# Every node must reach the head's RAY_PORT and DASHBOARD_PORT and see the same REPO path (a shared filesystem, or
+# the same checkout on each node); the JAX trainers also need a free port on trainer 0's node (chosen at launch).
+set -euo pipefail
+
+# ---------------------------------------------------------------- knobs (every one overridable from the environment)
+ROLE=${1:-${ROLE:-}}                             # head | worker | stop
+REPO=${REPO:-$HOME/jaxrlhf}                      # checkout with .venv built by scripts/setup.sh
+RAY=${RAY:-$REPO/.venv/bin/ray}                  # the venv's ray command (same Ray version on every node)
+HEAD_IP=${HEAD_IP:-}                             # the head node's address (workers join it)
+RAY_PORT=${RAY_PORT:-6379}                       # the head's GCS port
+DASHBOARD_PORT=${DASHBOARD_PORT:-8265}           # the head's dashboard / job-submission port (ray job submit)
+NUM_GPUS=${NUM_GPUS:-8}                          # GPUs this node offers Ray (trainers and vLLM engines share them)
+NUM_CPUS=${NUM_CPUS:-}                           # CPUs this node offers Ray (empty: all)
+EXTRA=${EXTRA:-}                                 # more `ray start` flags, e.g. "--resources='{\"trainer\": 1}'"
+
+cpus=()
+[ -n "$NUM_CPUS" ] && cpus=(--num-cpus="$NUM_CPUS")
+case "$ROLE" in
+  head)
+    # shellcheck disable=SC2086
+    "$RAY" start --head --port="$RAY_PORT" --dashboard-host=0.0.0.0 --dashboard-port="$DASHBOARD_PORT" \
+      --num-gpus="$NUM_GPUS" "${cpus[@]}" --disable-usage-stats $EXTRA
+    ;;
+  worker)
+    [ -n "$HEAD_IP" ] || { echo "set HEAD_IP to the head node's address" >&2; exit 2; }
+    # shellcheck disable=SC2086
+    "$RAY" start --address="$HEAD_IP:$RAY_PORT" --num-gpus="$NUM_GPUS" "${cpus[@]}" --disable-usage-stats $EXTRA
+    ;;
+  stop)
+    "$RAY" stop --force
+    ;;
+  *)
+    echo "usage: bash scripts/ray_cluster.sh head|worker|stop" >&2
+    exit 2
+    ;;
+esac
