@@ -51,6 +51,12 @@ class DPOConfig(SupervisedConfig):
     learning_rate: float = arg(5e-7, "peak learning rate")
     ckpt_path: str = arg("./ckpt/checkpoints_dpo", "training checkpoints (Orbax)")
 
+    def rows_per_sample(self) -> int:
+        return 2
+
+    def reference(self) -> Optional[str]:
+        return self.ref_pretrain or self.pretrain
+
     def __post_init__(self):
         super().__post_init__()
         if self.beta <= 0:

@@ -47,6 +47,12 @@ class KTOConfig(SupervisedConfig):
     learning_rate: float = arg(5e-7, "peak learning rate")
     ckpt_path: str = arg("./ckpt/checkpoints_kto", "training checkpoints (Orbax)")
 
+    def rows_per_sample(self) -> int:
+        return 2
+
+    def reference(self) -> Optional[str]:
+        return self.ref_pretrain or self.pretrain
+
     def __post_init__(self):
         super().__post_init__()
         if self.beta <= 0:

@@ -43,6 +43,12 @@ class RMConfig(SupervisedConfig):
     learning_rate: float = arg(9e-6, "peak learning rate")
     ckpt_path: str = arg("./ckpt/checkpoints_rm", "training checkpoints (Orbax)")
 
+    def rows_per_sample(self) -> int:
+        return 2
+
+    def trained_head(self) -> str:
+        return "score"
+
     def __post_init__(self):
         super().__post_init__()
         if self.margin_loss and self.loss == "logexp":

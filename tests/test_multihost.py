@@ -405,16 +405,7 @@ def test_checkpoint_from_one_process_resumes_in_two(setup, runs):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _sft_is_multihost() -> bool:
-    from jaxrlhf.train.supervised import SupervisedConfig
-    from sharding.distributed import DistributedConfig
-
-    return issubclass(SupervisedConfig, DistributedConfig)
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _sft_is_multihost(), reason="SupervisedConfig does not take the multi-host flags yet "
-                                                    "(class SupervisedConfig(DistributedConfig, PlanFlags))")
 def test_sft_two_processes_match_one(setup):
     """Two SFT steps (and an eval) on 2 processes x 4 devices equal one process with 8 devices."""
     import yaml

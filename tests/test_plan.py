@@ -279,3 +279,20 @@ def test_plan_supervised(dirs):
         from jaxrlhf.plan import dry_run_supervised
 
         dry_run_supervised(micro_train_batch_size=64, **kw)
+
+
+@pytest.mark.parametrize("trainer", ["sft", "rm", "dpo", "kto"])
+def test_offline_trainers_dry_run_from_the_command_line(dirs, trainer, capsys):
+    """``--dry_run`` plans the right roles (a frozen reference for DPO/KTO) and computes nothing."""
+    import importlib
+
+    cli = importlib.import_module(f"jaxrlhf.{trainer}").cli
+    argv = ["--pretrain", str(dirs["8b"]), "--dataset", "unused.jsonl", "--mesh", "8x1", "--max_len", "2048",
+            "--train_batch_size", "64", "--micro_train_batch_size", "2", "--bf16", "--gradient_checkpointing",
+            "--dry_run", "--device_memory_gb", "80"]
+    assert cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "policy" in printed
+    assert ("ref" in printed) == (trainer in ("dpo", "kto"))
+    assert cli([*argv[:-1], "8", "--micro_train_batch_size", "64"]) == 2  # refused: names the knob
+    assert "--micro_train_batch_size" in capsys.readouterr().err

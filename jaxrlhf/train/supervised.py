@@ -61,10 +61,12 @@ from typing import Any, Callable, Literal, Optional, Protocol
 import numpy as np
 
 from jaxrlhf.cli import arg, config_to_dict, parse_config
+from jaxrlhf.plan import PlanFlags
+from sharding.distributed import DistributedConfig
 
 
 @dataclass
-class SupervisedConfig:
+class SupervisedConfig(DistributedConfig, PlanFlags):  # + multi-host flags, --dry_run / --device_memory_gb
     """Flags shared by the offline trainers (OpenRLHF's spelling)."""
 
     # ---- mesh and randomness
@@ -115,7 +117,20 @@ class SupervisedConfig:
     wandb_project: str = arg("jaxrlhf", "W&B project")
     wandb_run_name: Optional[str] = arg(None, "W&B run name")
 
+    # What --dry_run plans for (overridden by the trainers that differ).
+    def rows_per_sample(self) -> int:
+        """Sequences per training sample (a preference pair, or a KTO sample plus its mismatched KL row: 2)."""
+        return 1
+
+    def trained_head(self) -> str:
+        return "lm"
+
+    def reference(self) -> Optional[str]:
+        """The frozen reference model's path (DPO / KTO), else None."""
+        return None
+
     def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.eval_holdout < 1.0:
             raise ValueError(f"--eval_holdout must be in [0, 1), got {self.eval_holdout}")
         if len(self.adam_betas) != 2:
@@ -155,10 +170,25 @@ def setup_mesh(cfg: SupervisedConfig):
 
     Call before anything touches a jax device.
     """
-    from sharding import make_mesh, use_host_devices
+    from sharding import distributed, make_mesh, parse_mesh
 
-    use_host_devices(cfg.mesh)
-    return make_mesh(cfg.mesh)
+    distributed.start(cfg, lambda n: parse_mesh(cfg.mesh).size // n)  # single process unless flags/env say otherwise
+    mesh = make_mesh(cfg.mesh)
+    distributed.check_mesh_hosts(mesh)
+    return mesh
+
+
+def dry_run(cfg: SupervisedConfig) -> dict:
+    """``--dry_run``: print the mesh, batch arithmetic and per-device memory plan; refuse what cannot fit."""
+    from jaxrlhf.plan import dry_run_supervised
+
+    rows = cfg.rows_per_sample()
+    return dry_run_supervised(model_path=cfg.pretrain, mesh=cfg.mesh, max_len=cfg.max_len, bf16=cfg.bf16,
+                              micro_train_batch_size=cfg.micro_train_batch_size * rows,
+                              train_batch_size=cfg.train_batch_size * rows,
+                              gradient_checkpointing=cfg.gradient_checkpointing,
+                              device_memory_gb=cfg.device_memory_gb, head=cfg.trained_head(),
+                              ref_path=cfg.reference(), processes=cfg.num_processes or 1)
 
 
 def data_parallel_size(mesh) -> int:
@@ -527,6 +557,11 @@ def run_cli(config_cls: type, main: Callable[[Any], dict], argv: list[str] | Non
     """Parse flags (+ ``--config`` YAML) into ``config_cls``, run ``main``; bad input -> ``error: ...`` and exit 2."""
     cfg = parse_config(config_cls, argv, prog=prog)
     try:
+        if cfg.dry_run:
+            if cfg.pretrain is None:
+                raise ValueError("--dry_run needs --pretrain (a model directory; config.json alone is enough)")
+            dry_run(cfg)
+            return 0
         out = main(cfg)
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
