@@ -174,7 +174,7 @@ def main(cfg: PPOConfig) -> dict:
 
 
 def _main(cfg: PPOConfig, cleanup: contextlib.ExitStack) -> dict:
-    # -- scale-out (issue 6): plan only, or join the process group before jax starts (sharding/distributed.py)
+    # -- plan only (--dry_run), or join the process group before jax starts (sharding/distributed.py)
     from sharding import distributed, make_mesh, placement
 
     roles_mesh = {"ref": cfg.ref_mesh, "reward": cfg.reward_mesh}
