@@ -9,6 +9,7 @@ import pytest
 
 from jaxrlhf.demo import CHARS, REWARD_PY
 from jaxrlhf.ppo import PPOConfig, cli, main
+from tests.cli_runner import run_cli_with
 from tests.tiny import save_tiny
 
 LOSS_KEYS = ("reward", "actor/loss", "critic/loss", "kl", "response_length")
@@ -134,19 +135,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, capsys):
 
 
 def cli_cfg(cfg: PPOConfig) -> int:
-    """Run the CLI with exactly this config (through the YAML path, as a user would)."""
-    import tempfile
-
-    import yaml
-
-    from jaxrlhf.cli import config_to_dict
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(config_to_dict(cfg), f)
-    try:
-        return cli(["--config", f.name])
-    finally:
-        os.unlink(f.name)
+    return run_cli_with(cli, cfg)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.sft import SFTConfig, cli, main
+from tests.cli_runner import run_cli_with
 from tests.tiny import save_tiny
 
 CHARS = list("0123456789+=")
@@ -101,19 +102,7 @@ def test_resume_equals_uninterrupted_with_packing_bf16_remat(setup):
 
 
 def cli_cfg(cfg: SFTConfig) -> int:
-    """Run the CLI with exactly this config (through the YAML path, as a user would)."""
-    import tempfile
-
-    import yaml
-
-    from jaxrlhf.cli import config_to_dict
-
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(config_to_dict(cfg), f)
-    try:
-        return cli(["--config", f.name])
-    finally:
-        os.unlink(f.name)
+    return run_cli_with(cli, cfg)
 
 
 def _write(path, text):

@@ -45,7 +45,6 @@ import os
 import socket
 import sys
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Optional
@@ -175,10 +174,9 @@ class _EngineActor:
         if cfg["sync_backend"] == "nccl":
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         self.llm = LLM(**kwargs)
-        self.incarnation = uuid.uuid4().hex
 
-    def ready(self) -> tuple[str, int]:
-        return self.incarnation, os.getpid()
+    def ready(self) -> int:
+        return os.getpid()
 
     def generate(self, prompts: list[list[int]], sampling: dict, seeds: list[int]) -> list:
         from vllm import SamplingParams as VSP
@@ -268,7 +266,6 @@ class VLLMPool:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=0,
                     placement_group_capture_child_tasks=True)).remote(i, plain, on_gpu))
-        self._incarnation: list[Optional[str]] = [None] * cfg.num_engines
         self.pids: list[Optional[int]] = [None] * cfg.num_engines
         self._down: dict[int, Any] = {}  # engine -> pending ready() ref while Ray restarts it
         self._weights: list = []  # object refs of the latest ray-backend sync (to bring restarted engines up)
@@ -277,7 +274,7 @@ class VLLMPool:
         t0 = time.perf_counter()
         try:
             for i, ref in enumerate([a.ready.remote() for a in self._actors]):
-                self._incarnation[i], self.pids[i] = self._get(i, ref, what="start")
+                self.pids[i] = self._get(i, ref, what="start")
         except (RayActorError, TimeoutError) as e:
             self.close()
             raise RuntimeError(f"vLLM engine {i} failed to start from {cfg.model} ({type(e).__name__}); its own "
@@ -350,39 +347,27 @@ class VLLMPool:
         self._teardown()
 
     # -------------------------------------------------------- weights
-    def _buckets(self, named_tensors: Iterable[tuple[str, Any]]):
-        limit = self.cfg.bucket_mb << 20
-        dtype = np.dtype(_DTYPES[self.cfg.dtype]) if self.cfg.dtype != "bfloat16" else _bf16()
-        items, size = [], 0
-        for name, arr in named_tensors:
-            a = np.asarray(arr)
-            if a.dtype != dtype:
-                a = a.astype(dtype)
-            items.append((name, a))
-            size += a.nbytes
-            if size >= limit:
-                yield items
-                items, size = [], 0
-        if items:
-            yield items
-
     def _sync_ray(self, named_tensors) -> tuple[int, int]:
         live = self._live()
-        pending = [self._actors[e].begin_sync.remote() for e in live]
+        dtype = np.dtype(_DTYPES[self.cfg.dtype]) if self.cfg.dtype != "bfloat16" else _bf16()
+        calls = {e: [self._actors[e].begin_sync.remote()] for e in live}  # per engine, in the order they run
         refs, nbytes = [], 0
-        for items in self._buckets(named_tensors):
+        for items in _buckets(((n, np.asarray(a).astype(dtype, copy=False)) for n, a in named_tensors),
+                              self.cfg.bucket_mb << 20):
             ref = ray.put(_pack(items))
             refs.append(ref)
             nbytes += sum(a.nbytes for _, a in items)
-            pending += [self._actors[e].load_bucket.remote(ref) for e in live]
-        finish = {e: self._actors[e].finish_sync.remote() for e in live}
+            for e in live:
+                calls[e].append(self._actors[e].load_bucket.remote(ref))
+        for e in live:
+            calls[e].append(self._actors[e].finish_sync.remote())
         self._weights = refs
-        for e, ref in finish.items():
+        for e, engine_calls in calls.items():
             try:
-                self._get(e, ref, what="weight sync")
+                for ref in engine_calls:  # a failed bucket load raises here, not just a failed finish
+                    self._get(e, ref, what="weight sync")
             except RayActorError:
                 self._mark_down(e)  # brought up to date from self._weights once Ray has restarted it
-        ray.wait(pending, num_returns=len(pending), timeout=0)  # errors surfaced by finish_sync already
         return nbytes, len(refs)
 
     def _bring_up(self, e: int) -> None:
@@ -422,13 +407,13 @@ class VLLMPool:
 
     def _revive(self, e: int, ref) -> None:
         try:
-            inc, pid = self._get(e, ref, what="restart")
+            pid = self._get(e, ref, what="restart")
         except RayActorError:
             self._down[e] = self._actors[e].ready.remote()  # still restarting (or died again): check later
             return
         del self._down[e]
         self._bring_up(e)
-        self._incarnation[e], self.pids[e] = inc, pid
+        self.pids[e] = pid
         print(f"[vllm] engine {e} restarted (pid {pid}) and received the current weights", file=sys.stderr)
 
     def _mark_down(self, e: int) -> None:
@@ -471,6 +456,19 @@ def _bf16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def _buckets(named: Iterable[tuple[str, Any]], limit: int):
+    """Consecutive lists of ``(name, array)`` pairs, each closed once it holds ``limit`` bytes or more."""
+    items, size = [], 0
+    for name, a in named:
+        items.append((name, a))
+        size += a.nbytes
+        if size >= limit:
+            yield items
+            items, size = [], 0
+    if items:
+        yield items
+
+
 def _balance(items: list[int], costs: list[int], engines: list[int]) -> dict[int, list[int]]:
     """Assign items to engines, largest cost first to the least-loaded engine; each engine's list stays ordered."""
     load = {e: 0 for e in engines}
@@ -486,11 +484,12 @@ def _balance(items: list[int], costs: list[int], engines: list[int]) -> dict[int
 class _NcclSender:
     """This process as NCCL rank 0 of a stateless group with every vLLM worker (ranks 1..).
 
-    Per bucket of ``bucket_mb``: each tensor goes JAX -> one local GPU (``jax.device_put``; a multi-host array is
-    all-gathered per tensor first) -> torch through DLPack (no host copy) -> ``PyNcclCommunicator.broadcast``, while
+    Per bucket of ``bucket_mb``: each tensor goes JAX -> one local GPU (``jax.device_put``) -> torch through DLPack
+    (no host copy) -> ``PyNcclCommunicator.broadcast``, while
     the workers receive it in vLLM's NCCL weight-transfer engine (unpacked mode: one broadcast per tensor, in the
     order announced by that bucket's ``update_info``) and load it through the same layerwise reload as the Ray path.
-    At most one bucket is held on the sending GPU.
+    At most one bucket is held on the sending GPU. Arrays must be addressable by this process: on several hosts the
+    caller passes ``hf_tensors(..., host=True)``, whose per-tensor gather every process joins (as PPO does).
 
     Verified: nothing here ran (this project's machines have no GPU). The worker side it drives is vLLM 0.32's
     ``vllm/distributed/weight_transfer/nccl_engine.py`` (``NCCLWeightTransferEngine``). Check on GPUs with the slow
@@ -525,16 +524,15 @@ class _NcclSender:
     def send(self, named_tensors) -> tuple[int, int]:
         import jax
         import torch
-        from jax.experimental import multihost_utils
 
         jdtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16,
                   "float16": jax.numpy.float16}[self.pool.cfg.dtype]
-        dev, limit = jax.local_devices()[0], self.pool.cfg.bucket_mb << 20
+        dev = jax.local_devices()[0]
         stream = torch.cuda.current_stream()
         self._wait(self._call_all("start_weight_update"), "NCCL weight sync")
         nbytes = buckets = 0
-
-        def flush(bucket):
+        on_gpu = ((n, jax.device_put(jax.numpy.asarray(a, jdtype), dev)) for n, a in named_tensors)
+        for bucket in _buckets(on_gpu, self.pool.cfg.bucket_mb << 20):
             info = dict(names=[n for n, _ in bucket], dtype_names=[self.pool.cfg.dtype] * len(bucket),
                         shapes=[list(t.shape) for _, t in bucket])
             refs = self._call_all("update_weights", info)  # workers block in the matching broadcasts
@@ -542,20 +540,7 @@ class _NcclSender:
                 self.comm.broadcast(torch.utils.dlpack.from_dlpack(t), src=0, stream=stream)
             stream.synchronize()
             self._wait(refs, "NCCL weight sync")
-
-        bucket, size = [], 0
-        for name, arr in named_tensors:  # device arrays: hf_tensors(..., host=False)
-            if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
-                arr = multihost_utils.process_allgather(arr, tiled=True)
-            t = jax.device_put(jax.numpy.asarray(arr, jdtype), dev)
-            bucket.append((name, t))
-            size += t.nbytes
-            if size >= limit:
-                flush(bucket)
-                nbytes, buckets, bucket, size = nbytes + size, buckets + 1, [], 0
-        if bucket:
-            flush(bucket)
-            nbytes, buckets = nbytes + size, buckets + 1
+            nbytes, buckets = nbytes + sum(t.nbytes for _, t in bucket), buckets + 1
         self._wait(self._call_all("finish_weight_update"), "NCCL weight sync")
         return nbytes, buckets
 
