@@ -8,6 +8,8 @@
 #
 # Every node must reach the head's RAY_PORT and DASHBOARD_PORT and see the same REPO path (a shared filesystem, or
 # the same checkout on each node); the JAX trainers also need a free port on trainer 0's node (chosen at launch).
+# Verified by the project: `bash -n` only (tests/test_scripts.py); it has not run on a real cluster. On yours:
+# after `head`/`worker`, `ray status` must list every node's GPUs before scripts/ray_ppo_job.sh is submitted.
 set -euo pipefail
 
 # ---------------------------------------------------------------- knobs (every one overridable from the environment)

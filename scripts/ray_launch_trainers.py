@@ -13,6 +13,9 @@ A placement group reserves ``--num_trainers`` bundles of ``--gpus_per_trainer`` 
 into ``jax.distributed.initialize``. Trainer 0 then joins the same Ray cluster (``--ray_address auto``) and places
 the vLLM engines on the GPUs left over. The launcher waits for all trainers; when one fails, it stops the others and
 exits with its code.
+
+Verified: on a local Ray cluster (tests/test_scripts.py) it forms a real 2-process JAX group; a multi-node GPU
+cluster has not run it yet (check there with a --dry_run command, then --max_steps 2).
 """
 from __future__ import annotations
 

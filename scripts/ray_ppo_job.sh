@@ -6,6 +6,9 @@
 #   HEAD_IP=10.0.0.1 bash scripts/ray_ppo_job.sh
 #   JAXRLHF_PRINT_ARGS=1 bash scripts/ray_ppo_job.sh      # print the trainer flags for a --dry_run and stop
 #   python -m jaxrlhf.ppo $(JAXRLHF_PRINT_ARGS=1 bash scripts/ray_ppo_job.sh) --dry_run --device_memory_gb 80
+# Verified by the project: `bash -n` and a --dry_run of this job's trainer flags (tests/test_scripts.py); it has
+# not run on a real cluster (the project's machines are single CPU hosts). On yours: dry-run the printed flags
+# (JAXRLHF_PRINT_ARGS=1, see above), then run once with --max_steps 2 before a long job.
 set -euo pipefail
 
 # ---------------------------------------------------------------- knobs (every one overridable from the environment)

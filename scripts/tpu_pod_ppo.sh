@@ -7,6 +7,9 @@
 #   bash scripts/tpu_pod_ppo.sh train      # run PPO on all workers (logs stream back; Ctrl-C stops the ssh only)
 #   bash scripts/tpu_pod_ppo.sh stop       # kill the trainer on every worker
 #   JAXRLHF_PRINT_ARGS=1 bash scripts/tpu_pod_ppo.sh    # print the trainer flags for a --dry_run and stop
+# Verified by the project: `bash -n` and a --dry_run of this job's trainer flags (tests/test_scripts.py); it has
+# not run on a real cluster (the project's machines are single CPU hosts). On yours: dry-run the printed flags
+# (JAXRLHF_PRINT_ARGS=1, see above), then run once with --max_steps 2 before a long job.
 set -euo pipefail
 
 # ---------------------------------------------------------------- knobs (every one overridable from the environment)

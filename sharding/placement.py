@@ -17,7 +17,8 @@ so roles on different meshes exchange nothing device to device.
 Offload (``--ref_offload``, ``--reward_offload``): a frozen model's parameters live in host memory between uses
 (``offload``: the ``pinned_host`` memory kind where the backend has one, else NumPy copies of this process's
 shards) and come back to their devices and shardings for the experience pass (``onload``), which frees the device
-copy again when it ends.
+copy again when it ends. Verified on the CPU (NumPy fallback, 1 and 2 processes: tests/test_multihost.py); the
+``pinned_host`` path on GPUs/TPUs has not run here: check it there with those tests' placement cases.
 """
 from __future__ import annotations
 
