@@ -47,7 +47,7 @@ def sft_loss(model, b):
     """
     from jaxrlhf import losses
 
-    logits_btv = model(b["input_ids"], b["attention_mask"], b.get("positions"), segment_ids_bt=b.get("segment_ids"))
+    logits_btv = model(b["input_ids"], b["attention_mask"], b.get("positions"), segment_ids=b.get("segment_ids"))
     logp_bt = losses.logprobs_from_logits(logits_btv[:, :-1], b["input_ids"][:, 1:])
     return losses.token_mean_over_batch(-logp_bt, b["loss_mask"][:, 1:], b["num_tokens"]), {}
 

@@ -82,9 +82,9 @@ def test_each_segment_gets_the_logits_it_has_alone_in_transformers(setup):
     packed = PackedDataset(setup["seqs"], setup["masks"], row_len=ROW_LEN, pad_id=0)
     b = packed.batch(np.arange(len(packed)))
     logits = np.asarray(model(jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]),
-                              jnp.asarray(b["positions"]), segment_ids_bt=jnp.asarray(b["segment_ids"])))
+                              jnp.asarray(b["positions"]), segment_ids=jnp.asarray(b["segment_ids"])))
     # positions left to the decoder (derived from the segment ids) give the same logits
-    derived = np.asarray(model(jnp.asarray(b["input_ids"]), segment_ids_bt=jnp.asarray(b["segment_ids"])))
+    derived = np.asarray(model(jnp.asarray(b["input_ids"]), segment_ids=jnp.asarray(b["segment_ids"])))
     np.testing.assert_array_equal(derived, logits)
     checked = 0
     for r, row in enumerate(packed.rows):
@@ -107,8 +107,8 @@ def test_attention_never_crosses_a_segment(setup):
     seg = b["segment_ids"][r]
     ids = b["input_ids"].copy()
     ids[r, seg == 1] = (ids[r, seg == 1] + 17) % 93 + 3  # change every token of the first segment
-    args = dict(attention_mask_bt=jnp.asarray(b["attention_mask"]), positions_bt=jnp.asarray(b["positions"]),
-                segment_ids_bt=jnp.asarray(b["segment_ids"]))
+    args = dict(attention_mask=jnp.asarray(b["attention_mask"]), positions=jnp.asarray(b["positions"]),
+                segment_ids=jnp.asarray(b["segment_ids"]))
     before = np.asarray(model(jnp.asarray(b["input_ids"]), **args))[r]
     after = np.asarray(model(jnp.asarray(ids), **args))[r]
     assert np.abs(before[seg == 1] - after[seg == 1]).max() > 1e-3  # the edit matters where it is...

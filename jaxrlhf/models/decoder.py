@@ -227,12 +227,14 @@ class Decoder(nnx.Module):
             w = self.model.embed_tokens.embedding[...].T
         return jnp.einsum("btd,dv->btv", h_btd, w.astype(h_btd.dtype), preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids_bt, attention_mask_bt=None, positions_bt=None, segment_ids_bt=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Logits ``[B, T, V]`` (head "lm") or per-token scores ``[B, T]`` (head "score"), fp32.
 
-        ``segment_ids_bt``: packed rows (several samples per row), see ``hidden_states``.
+        The public call, with Hugging Face's argument names: ``input_ids`` ``[B, T]``, ``attention_mask`` ``[B, T]``
+        (1 = real token; default all ones), ``positions`` ``[B, T]`` (default: counted over the mask, so left padding
+        works), ``segment_ids`` ``[B, T]`` for packed rows (several samples per row), see ``hidden_states``.
         """
-        h, _ = self.hidden_states(input_ids_bt, attention_mask_bt, positions_bt, segment_ids_bt=segment_ids_bt)
+        h, _ = self.hidden_states(input_ids, attention_mask, positions, segment_ids_bt=segment_ids)
         if self.head == "score":
             return (h @ self.score.kernel[...].astype(h.dtype))[..., 0].astype(jnp.float32)
         return self.logits(h)
