@@ -31,7 +31,8 @@ rloo / group_norm / dr_grpo = group_shaped_rewards + shape_rewards + discounted_
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +40,71 @@ import jax.numpy as jnp
 Array = jax.Array
 ArrayLike = Union[jax.Array, float, int]
 
+Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
 GroupEstimator = Literal["reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
-GROUP_ESTIMATORS = ("reinforce_baseline", "rloo", "group_norm", "dr_grpo")
+
+
+@dataclass(frozen=True)
+class EstimatorSpec:
+    """What an ``--advantage_estimator`` needs and does (the table below is the one place that knows)."""
+
+    critic: bool  # a value model: GAE over its values (else returns = advantages)
+    group: bool  # a per-prompt baseline over n_samples_per_prompt >= 2 responses (group_shaped_rewards)
+    whiten: bool  # advantages whitened over the whole rollout batch
+    gamma: bool  # honours --gamma (OpenRLHF forces gamma = 1 for the others but gae)
+
+
+ESTIMATORS: dict[str, EstimatorSpec] = {
+    "gae": EstimatorSpec(critic=True, group=False, whiten=True, gamma=True),
+    "reinforce": EstimatorSpec(critic=False, group=False, whiten=True, gamma=True),
+    "reinforce_baseline": EstimatorSpec(critic=False, group=True, whiten=True, gamma=False),
+    "rloo": EstimatorSpec(critic=False, group=True, whiten=False, gamma=False),
+    "group_norm": EstimatorSpec(critic=False, group=True, whiten=False, gamma=False),
+    "dr_grpo": EstimatorSpec(critic=False, group=True, whiten=False, gamma=False),
+}
+GROUP_ESTIMATORS = tuple(k for k, v in ESTIMATORS.items() if v.group)
+assert set(get_args(Estimator)) == set(ESTIMATORS) and set(get_args(GroupEstimator)) == set(GROUP_ESTIMATORS)
+
+
+def estimate(
+    estimator: Estimator,
+    reward_b: Array,
+    kl_bt: Array,
+    action_mask_bt: Array,
+    values_bt: Optional[Array] = None,
+    *,
+    n_samples: int,
+    kl_coef: ArrayLike,
+    reward_clip_range: Optional[Tuple[float, float]],
+    gamma: float,
+    lambd: float,
+    std_norm: bool = True,
+) -> Tuple[Array, Array]:
+    """``(advantages_bt, returns_bt)`` of one rollout batch, as OpenRLHF's ``compute_advantages_and_returns``:
+
+        r_b       = group_shaped_rewards(r_b, n_samples, estimator)          (group estimators)
+        rewards   = shape_rewards(r_b, kl_bt, mask, kl_coef, reward_clip_range)
+        adv, ret  = gae(rewards, values, mask, gamma, lambd)                  (critic estimators)
+                  | ret = discounted_returns(rewards, mask, gamma or 1); adv = ret
+        adv       = whiten(adv, mask, scale_std=std_norm)                     (whitening estimators)
+
+    ``values_bt`` is required exactly when the estimator needs a critic. Pass ``kl_coef=0`` when the KL is an
+    actor loss term (--use_kl_loss). float32 [B, T] each.
+    """
+    spec = ESTIMATORS[estimator]
+    if spec.critic != (values_bt is not None):
+        raise ValueError(f"estimate: {estimator!r} {'needs' if spec.critic else 'takes no'} critic values_bt")
+    shaped_b = group_shaped_rewards(reward_b, n_samples, estimator) if spec.group else reward_b
+    rewards_bt = shape_rewards(shaped_b, kl_bt, action_mask_bt, kl_coef=kl_coef, reward_clip_range=reward_clip_range)
+    mask = jnp.asarray(action_mask_bt)
+    if spec.critic:
+        advantages_bt, returns_bt = gae(rewards_bt, values_bt, mask, gamma=gamma, lambd=lambd)
+    else:
+        returns_bt = discounted_returns(rewards_bt, mask, gamma=gamma if spec.gamma else 1.0)
+        advantages_bt = returns_bt
+    if spec.whiten:
+        advantages_bt = whiten(advantages_bt, mask, scale_std=std_norm)
+    return advantages_bt, returns_bt
 
 
 def _float(x: Array) -> Array:

@@ -396,3 +396,15 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def field_default(cfg: Any, name: str) -> Any:
+    """The declared default of config field ``name`` (of ``cfg``'s own class: a subclass may redeclare it)."""
+    f = {f.name: f for f in dataclasses.fields(cfg)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def at_defaults(cfg: T, changes: dict[str, Any]) -> T:
+    """``cfg`` with ``changes`` applied to the fields the user left at their defaults (a demo's settings)."""
+    keep = {k: v for k, v in changes.items() if getattr(cfg, k) == field_default(cfg, k)}
+    return dataclasses.replace(cfg, **keep)

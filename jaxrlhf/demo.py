@@ -51,13 +51,34 @@ def _answer(a: int, b: int, rng: np.random.Generator) -> int:
     return int(rng.integers(0, 19))
 
 
-def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
+def save_tiny_llama(path: str, tok, *, seed: int) -> None:
+    """A random tiny Llama (2 layers, hidden 128, head_dim 64, vocab 32) for the character tokenizer ``tok``, saved
+    with it as an HF directory by transformers (the demos' starting point)."""
     import torch
     import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    if len(tok) > hf_cfg.vocab_size:
+        raise ValueError(f"the tiny Llama's vocabulary ({hf_cfg.vocab_size}) is smaller than the tokenizer's")
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def _sft_loss(model, b):
+    from jaxrlhf import losses
+
+    logits = model(b["input_ids"], attention_mask=b["attention_mask"])
+    return losses.next_token_nll(logits, b["input_ids"], b["loss_mask"], b["num_tokens"]), {}
+
+
+def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
     from flax import nnx
 
     from converters.hf import export_hf
-    from jaxrlhf import losses
     from jaxrlhf.data.loader import right_pad
     from jaxrlhf.data.tokenizer import load_tokenizer
     from jaxrlhf.models import from_pretrained
@@ -66,15 +87,7 @@ def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
 
     tok = load_tokenizer(tok_dir)
     base = out_dir + ".base"
-    torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
-    assert len(tok) <= hf_cfg.vocab_size
-    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(base)
-    tok.save_pretrained(base)
-
+    save_tiny_llama(base, tok, seed=seed)
     model = from_pretrained(base, mesh=mesh)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
@@ -82,13 +95,7 @@ def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
     steps, batch = 400, 128
     tx, _ = make_optimizer(learning_rate=3e-3, total_steps=steps, warmup_ratio=0.05, weight_decay=0.0)
     opt = init_optimizer(tx, params, mesh)
-
-    def nll(model, b):
-        logits = model(b["ids"], b["mask"])[:, :-1]
-        logp = losses.logprobs_from_logits(logits, b["ids"][:, 1:])
-        return losses.token_mean_over_batch(-logp, b["loss_mask"][:, 1:], b["num_tokens"]), {}
-
-    step_fn = make_train_step(graphdef, nll, tx, params=params, opt_state=opt, mesh=mesh)
+    step_fn = make_train_step(graphdef, _sft_loss, tx, params=params, opt_state=opt, mesh=mesh)
     eos = tok.eos_token_id
     for i in range(steps):
         rows, loss_rows = [], []
@@ -100,7 +107,7 @@ def _build_sft(out_dir: str, tok_dir: str, mesh, seed: int) -> None:
             loss_rows.append([0] * len(p) + [1] * len(r))
         ids, mask = right_pad(rows, tok.pad_token_id, length=8)
         lm, _ = right_pad(loss_rows, 0, length=8)
-        b = {"ids": ids, "mask": mask, "loss_mask": lm.astype(np.float32),
+        b = {"input_ids": ids, "attention_mask": mask, "loss_mask": lm.astype(np.float32),
              "num_tokens": np.float32(lm[:, 1:].sum())}
         params, opt, m = step_fn(params, opt, stack_micro_batches(b, batch))
         if (i + 1) % 100 == 0:
@@ -118,8 +125,15 @@ def _vllm_installed() -> bool:
 
 
 def prepare(cfg, mesh):
-    """Build (or reuse) the demo's tokenizer, SFT policy, prompts and verifier; return cfg pointing at them."""
+    """Build (or reuse) the demo's tokenizer, SFT policy, prompts and verifier; return ``cfg`` (a PPO config)
+    pointing at them, with the demo's settings on every flag the user left at its default."""
+    import jax
+
+    from jaxrlhf.cli import at_defaults, field_default
     from jaxrlhf.data.tokenizer import build_tiny_tokenizer
+
+    if jax.process_count() > 1:
+        raise ValueError("the built-in demo runs in one process: pass --pretrain, --prompt_data and a reward")
 
     root = os.path.abspath(cfg.demo_dir)
     stamp = os.path.join(root, f"ready-v{DEMO_VERSION}-seed{cfg.seed}")
@@ -138,18 +152,12 @@ def prepare(cfg, mesh):
         with open(os.path.join(root, "reward.py"), "w") as f:
             f.write(REWARD_PY)
         open(stamp, "w").close()
-    from jaxrlhf.ppo import PPOConfig
-
-    defaults = PPOConfig()
-    changes = {k: v for k, v in DEMO_FLAGS.items() if getattr(cfg, k) == getattr(defaults, k)}
-    if _vllm_installed() and cfg.vllm_num_engines == defaults.vllm_num_engines:
-        changes["vllm_num_engines"] = 1  # rollouts on a vLLM engine, as OpenRLHF users expect
-    changes.update(pretrain=sft_dir, prompt_data=os.path.join(root, "prompts.jsonl"),
-                   remote_rm_url=os.path.join(root, "reward.py"))
-    if cfg.save_path == defaults.save_path:
+    changes = dict(DEMO_FLAGS, vllm_num_engines=1 if _vllm_installed() else 0)  # vLLM rollouts, as OpenRLHF's
+    if cfg.save_path == field_default(cfg, "save_path"):
         changes.update(save_path=os.path.join(root, "run"), ckpt_path=os.path.join(root, "run", "checkpoints"))
-    engines = changes.get("vllm_num_engines", cfg.vllm_num_engines)
-    engine = f"{engines} vLLM engine(s)" if engines else "the JAX sampler"
-    print(f"[demo] PPO on the addition task: policy {sft_dir}, verifier {changes['remote_rm_url']}, rollouts on "
-          f"{engine}", file=sys.stderr)
-    return dataclasses.replace(cfg, **changes)
+    cfg = dataclasses.replace(at_defaults(cfg, changes), pretrain=sft_dir, prompt_data=os.path.join(
+        root, "prompts.jsonl"), remote_rm_url=os.path.join(root, "reward.py"))
+    engine = f"{cfg.vllm_num_engines} vLLM engine(s)" if cfg.vllm_num_engines else "the JAX sampler"
+    print(f"[demo] PPO on the addition task: policy {sft_dir}, verifier {cfg.remote_rm_url}, rollouts on {engine}",
+          file=sys.stderr)
+    return cfg

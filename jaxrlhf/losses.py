@@ -143,6 +143,18 @@ def logprobs_from_logits(logits_btv: Array, labels_bt: Array, temperature: Array
     return picked - lse
 
 
+def next_token_nll(logits_btv: Array, input_ids_bt: Array, loss_mask_bt: Array, num_tokens_total: ArrayLike) -> Array:
+    """Language-modelling loss of the learned tokens (SFT), invariant to the micro-batch split:
+
+        L = - sum_{b,t>0} m[b,t] * log softmax(logits[b,t-1])[x[b,t]] / N_global     (m = loss_mask)
+
+    ``logits_btv[:, t]`` predicts token t+1; ``num_tokens_total`` = sum of ``loss_mask[:, 1:]`` over the whole
+    step batch (see ``token_mean_over_batch``).
+    """
+    logp_bt = logprobs_from_logits(logits_btv[:, :-1], input_ids_bt[:, 1:])
+    return token_mean_over_batch(-logp_bt, loss_mask_bt[:, 1:], num_tokens_total)
+
+
 def entropy_from_logits(logits_btv: Array, temperature: ArrayLike = 1.0) -> Array:
     """Entropy of softmax(logits / temperature) per position, in fp32:
 

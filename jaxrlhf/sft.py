@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from jaxrlhf.cli import arg
+from jaxrlhf.cli import arg, at_defaults, field_default
 from jaxrlhf.train.supervised import SupervisedConfig, check_batch_arithmetic, data_parallel_size, fit, load_model, \
     load_tokenizer_for, load_train_eval, run_cli, setup_mesh, tokenize_splits
 
@@ -47,9 +47,9 @@ def sft_loss(model, b):
     """
     from jaxrlhf import losses
 
-    logits_btv = model(b["input_ids"], b["attention_mask"], b.get("positions"), segment_ids=b.get("segment_ids"))
-    logp_bt = losses.logprobs_from_logits(logits_btv[:, :-1], b["input_ids"][:, 1:])
-    return losses.token_mean_over_batch(-logp_bt, b["loss_mask"][:, 1:], b["num_tokens"]), {}
+    logits_btv = model(b["input_ids"], attention_mask=b["attention_mask"], positions=b.get("positions"),
+                       segment_ids=b.get("segment_ids"))
+    return losses.next_token_nll(logits_btv, b["input_ids"], b["loss_mask"], b["num_tokens"]), {}
 
 
 def main(cfg: SFTConfig) -> dict:
@@ -100,23 +100,14 @@ def prepare_demo(cfg: SFTConfig) -> SFTConfig:
     """Build (once) a character tokenizer, a random tiny Llama and 100 addition examples; point ``cfg`` at them."""
     if cfg.dataset is not None:
         raise ValueError("--dataset given without --pretrain: pass the model to fine-tune with --pretrain")
-    import torch
-    import transformers
-
     from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-    from jaxrlhf.demo import CHARS
+    from jaxrlhf.demo import CHARS, save_tiny_llama
 
     root = os.path.abspath(cfg.demo_dir)
     model_dir, data = os.path.join(root, f"base-seed{cfg.seed}"), os.path.join(root, "addition.jsonl")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         print(f"[demo] building a tiny random Llama and the addition data in {root} (once; cached)", file=sys.stderr)
-        tok = build_tiny_tokenizer(model_dir + ".tmp", CHARS)
-        torch.manual_seed(cfg.seed)
-        hf_cfg = transformers.LlamaConfig(
-            vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, head_dim=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        transformers.LlamaForCausalLM(hf_cfg).save_pretrained(model_dir + ".tmp")
+        save_tiny_llama(model_dir + ".tmp", build_tiny_tokenizer(model_dir + ".tmp", CHARS), seed=cfg.seed)
         os.replace(model_dir + ".tmp", model_dir)
     if not os.path.isfile(data):
         with open(data + ".tmp", "w") as f:
@@ -124,13 +115,13 @@ def prepare_demo(cfg: SFTConfig) -> SFTConfig:
                 for b in range(10):
                     f.write(json.dumps({"input": f"{a}+{b}=", "output": str(a + b)}) + "\n")
         os.replace(data + ".tmp", data)
-    defaults = SFTConfig()
-    changes = {k: v for k, v in DEMO_FLAGS.items() if getattr(cfg, k) == getattr(defaults, k)}
-    changes.update(pretrain=model_dir, dataset=data, output_key=cfg.output_key or "output")
-    if cfg.save_path == defaults.save_path:
+    changes = {**DEMO_FLAGS, "output_key": "output"}
+    if cfg.save_path == field_default(cfg, "save_path"):
         changes.update(save_path=os.path.join(root, "run"), ckpt_path=os.path.join(root, "run", "checkpoints"))
-    print(f"[demo] SFT on single-digit addition: {data} -> {changes.get('save_path', cfg.save_path)}", file=sys.stderr)
-    return dataclasses.replace(cfg, **changes)
+    cfg = at_defaults(cfg, changes)
+    cfg = dataclasses.replace(cfg, pretrain=model_dir, dataset=data)
+    print(f"[demo] SFT on single-digit addition: {data} -> {cfg.save_path}", file=sys.stderr)
+    return cfg
 
 
 def cli(argv: list[str] | None = None) -> int:

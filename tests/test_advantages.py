@@ -242,20 +242,23 @@ def ref_openrlhf_pipeline(estimator, r, kl, values, mask, n, kl_coef, clip_range
 
 
 def jax_pipeline(estimator, r, kl, values, mask, n, kl_coef, clip_range, gamma, lambd):
-    """How a trainer composes the pieces (see the module docstring of jaxrlhf.advantages)."""
-    if estimator in A.GROUP_ESTIMATORS:
-        r = A.group_shaped_rewards(r, n, estimator)
-        gamma = 1.0
-    rewards = A.shape_rewards(r, kl, mask, kl_coef=kl_coef, reward_clip_range=clip_range)
-    if estimator == "gae":
-        adv, ret = A.gae(rewards, values, mask, gamma=gamma, lambd=lambd)
-    else:
-        ret = A.discounted_returns(rewards, mask, gamma=gamma)
-        adv = ret
-    if estimator in ("gae", "reinforce", "reinforce_baseline"):
-        adv = A.whiten(adv, mask)
+    """The estimator table's composition (``advantages.estimate``), masked like the reference."""
+    adv, ret = A.estimate(estimator, r, kl, mask, values if A.ESTIMATORS[estimator].critic else None, n_samples=n,
+                          kl_coef=kl_coef, reward_clip_range=clip_range, gamma=gamma, lambd=lambd)
     m = jnp.asarray(mask) != 0
     return jnp.where(m, adv, 0.0), jnp.where(m, ret, 0.0)
+
+
+def test_estimator_table():
+    """What each estimator needs, as OpenRLHF 0.11.2 does it (only gae has a critic; rloo/group_norm/dr_grpo are
+    not whitened; only gae and reinforce honour --gamma)."""
+    assert [k for k, v in A.ESTIMATORS.items() if v.critic] == ["gae"]
+    assert set(A.GROUP_ESTIMATORS) == {"reinforce_baseline", "rloo", "group_norm", "dr_grpo"}
+    assert {k for k, v in A.ESTIMATORS.items() if v.whiten} == {"gae", "reinforce", "reinforce_baseline"}
+    assert {k for k, v in A.ESTIMATORS.items() if v.gamma} == {"gae", "reinforce"}
+    with pytest.raises(ValueError, match="needs critic"):
+        A.estimate("gae", np.zeros(2), np.zeros((2, 3)), np.ones((2, 3)), n_samples=1, kl_coef=0.0,
+                   reward_clip_range=None, gamma=1.0, lambd=1.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -61,10 +61,8 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
         self.directory = Path(directory).expanduser().absolute()  # Orbax needs an absolute path
         self.max_to_keep = max_to_keep
-        if jax.process_index() == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        _sync("jaxrlhf_ckpt_mkdir")
-        self._set_aside_incomplete_steps(sync=True)
+        _on_process0(self._make_directory)  # an error there (a file in the way, no permission) reaches every process
+        _on_process0(self._set_aside_incomplete_steps)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
@@ -94,7 +92,7 @@ class Checkpointer:
                 )
             # Only process 0 moves it, without a barrier: the other processes may not even see it any more, and
             # Orbax's own barriers order this before the final rename of the new step.
-            self._set_aside_incomplete_steps(sync=False)
+            self._set_aside_incomplete_steps()
         self._manager.reload()
         saved = self._manager.save(
             step,
@@ -157,8 +155,21 @@ class Checkpointer:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON ``meta`` of a finished step, without reading its arrays."""
+        path = self.directory / str(int(step)) / META_ITEM / "metadata"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"checkpoint {self.directory / str(step)}: cannot read its meta ({e})") from None
+
     # -- internals ------------------------------------------------------------------------------------------------
-    def _set_aside_incomplete_steps(self, *, sync: bool) -> None:
+    def _make_directory(self) -> None:
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint directory {self.directory} is a file: pass a directory as --ckpt_path")
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _set_aside_incomplete_steps(self) -> None:
         """Rename step directories that lack a commit marker to ``<step>.incomplete-<time>`` (process 0)."""
         if jax.process_index() == 0 and self.directory.is_dir():
             for path in sorted(self.directory.iterdir()):
@@ -169,8 +180,6 @@ class Checkpointer:
                         "checkpoint step directory %s has no commit marker (a save that never finished): moved it "
                         "to %s and ignoring it; delete it once you have looked at it", path, aside,
                     )
-        if sync:
-            _sync("jaxrlhf_ckpt_set_aside")
 
 
 def abstract_like(tree: Any, shardings: Any | None = None) -> Any:
@@ -239,11 +248,15 @@ def _is_finished(step_dir: Path) -> bool:
     return False
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def _on_process0(fn) -> None:
+    """``fn()`` on process 0; every process returns once it is done, and raises if it failed there."""
+    from sharding.distributed import from_process0
 
-        multihost_utils.sync_global_devices(name)
+    def run() -> np.int32:
+        fn()
+        return np.int32(0)
+
+    from_process0(run, ((), np.int32))
 
 
 def to_jsonable(value: Any, where: str = "value") -> Any:

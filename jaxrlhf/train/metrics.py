@@ -52,6 +52,8 @@ class MetricsLogger:
     ``use_tensorboard``: a log directory (OpenRLHF's ``--use_tensorboard``), or None.
     ``use_wandb``: False, True (use the existing ``wandb login``), or an API key string (OpenRLHF passes the key).
     ``total_steps``: length of the progress bar; ``progress_keys`` choose the postfix entries.
+    ``fresh``: start an empty ``metrics.jsonl`` (an existing one becomes ``metrics.jsonl.prev``); else append to it
+    (a resumed run continues its file).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class MetricsLogger:
         enabled: bool | None = None,
         progress_keys: tuple[str, ...] = DEFAULT_PROGRESS_KEYS,
         show_progress: bool = True,
+        fresh: bool = False,
     ) -> None:
         if enabled is None:
             import jax
@@ -83,6 +86,8 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / METRICS_FILE
+        if fresh and self.jsonl_path.exists():  # a new run: keep the last run's log beside, start an empty one
+            os.replace(self.jsonl_path, self.jsonl_path.with_name(METRICS_FILE + ".prev"))
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # append: a resumed run continues the same file
         if use_tensorboard:
             self._tb = _tensorboard_writer(use_tensorboard)

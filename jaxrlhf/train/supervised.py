@@ -49,10 +49,7 @@ data position: ``--load_checkpoint`` resumes exactly where the run stopped).
 """
 from __future__ import annotations
 
-import glob
-import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -60,20 +57,14 @@ from typing import Any, Callable, Literal, Optional, Protocol
 
 import numpy as np
 
-from jaxrlhf.cli import arg, config_to_dict, parse_config
-from jaxrlhf.plan import PlanFlags
-from sharding.distributed import DistributedConfig
+from jaxrlhf.cli import arg, parse_config
+from jaxrlhf.train.run import RunFlags
 
 
 @dataclass
-class SupervisedConfig(DistributedConfig, PlanFlags):  # + multi-host flags, --dry_run / --device_memory_gb
-    """Flags shared by the offline trainers (OpenRLHF's spelling)."""
+class SupervisedConfig(RunFlags):  # + the flags every trainer shares (train/run.py)
+    """Flags of the offline trainers (OpenRLHF's spelling) beyond the shared ones."""
 
-    # ---- mesh and randomness
-    mesh: str = arg("4x2", "device mesh: FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2) or data=2,fsdp=2,tensor=2")
-    seed: int = arg(42, "seed of the data order, the held-out split, mixing and head initialisation")
-    # ---- model
-    pretrain: Optional[str] = arg(None, "HF model directory or converted checkpoint to start from")
     # ---- data
     dataset: Optional[str] = arg(None, "training dataset(s), comma-separated: files, type@dir, save_to_disk dirs, "
                                        "hub names")
@@ -83,39 +74,14 @@ class SupervisedConfig(DistributedConfig, PlanFlags):  # + multi-host flags, --d
     eval_split: str = arg("train", "split of --eval_dataset")
     eval_holdout: float = arg(0.0, "without --eval_dataset: fraction of --dataset held out for evaluation "
                                    "(0: no evaluation)")
-    max_samples: Optional[int] = arg(None, "use at most this many samples (per dataset, then in total)")
     max_len: int = arg(2048, "tokens per sample (longer samples are truncated or dropped, with a count logged)")
     packing_samples: bool = arg(False, "pack several samples per row of --max_len tokens (segment-masked attention)")
-    input_template: Optional[str] = arg(None, "template with {} for the input, e.g. 'User: {}\\nAssistant: '")
-    apply_chat_template: bool = arg(False, "format inputs with the tokenizer's chat template")
     tokenizer_chat_template: Optional[str] = arg(None, "Jinja chat template replacing the tokenizer's own")
-    # ---- batches and schedule
-    max_epochs: int = arg(1, "passes over the training set")
-    max_steps: Optional[int] = arg(None, "stop after this many optimizer steps (default: max_epochs x epoch)")
-    train_batch_size: int = arg(128, "rows per optimizer step (global)")
-    micro_train_batch_size: int = arg(8, "rows per data-parallel rank per micro-batch (gradient accumulation)")
+    # ---- schedule and evaluation
     learning_rate: float = arg(5e-6, "peak learning rate")
-    lr_warmup_ratio: float = arg(0.03, "fraction of the steps spent in linear warm-up")
     lr_scheduler: Literal["cosine_with_min_lr", "constant_with_warmup"] = arg(
         "cosine_with_min_lr", "after warm-up: cosine decay to --min_lr_ratio x peak, or constant")
-    min_lr_ratio: float = arg(0.1, "cosine decay floor as a fraction of the peak learning rate")
-    adam_betas: tuple[float, ...] = arg((0.9, 0.95), "AdamW betas")
-    l2: float = arg(0.0, "AdamW weight decay (matrices only)")
-    max_norm: float = arg(1.0, "gradient clipping by global norm (0: off)")
-    bf16: bool = arg(False, "bf16 compute (fp32 master weights and optimizer state)")
-    gradient_checkpointing: bool = arg(False, "recompute layer activations in the backward pass")
-    # ---- evaluation, checkpoints, logs, outputs
     eval_steps: int = arg(-1, "evaluate every N steps (-1: at the end of every epoch)")
-    save_steps: int = arg(-1, "checkpoint every N steps (-1: only at the end)")
-    logging_steps: int = arg(1, "log every N steps")
-    save_path: str = arg("./ckpt", "where the final HF model, logs and plot are written")
-    ckpt_path: str = arg("./ckpt/checkpoints", "training checkpoints (Orbax)")
-    max_ckpt_num: int = arg(3, "checkpoints kept")
-    load_checkpoint: bool = arg(False, "resume from the latest checkpoint in --ckpt_path")
-    use_tensorboard: Optional[str] = arg(None, "TensorBoard log directory")
-    use_wandb: Optional[str] = arg(None, "W&B: 'true' or an API key")
-    wandb_project: str = arg("jaxrlhf", "W&B project")
-    wandb_run_name: Optional[str] = arg(None, "W&B run name")
 
     # What --dry_run plans for (overridden by the trainers that differ).
     def rows_per_sample(self) -> int:
@@ -133,20 +99,10 @@ class SupervisedConfig(DistributedConfig, PlanFlags):  # + multi-host flags, --d
         super().__post_init__()
         if not 0.0 <= self.eval_holdout < 1.0:
             raise ValueError(f"--eval_holdout must be in [0, 1), got {self.eval_holdout}")
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"--adam_betas takes two numbers (beta1,beta2), got {self.adam_betas}")
         if self.max_len < 2:
             raise ValueError(f"--max_len must be >= 2, got {self.max_len}")
-        for flag in ("train_batch_size", "micro_train_batch_size", "max_epochs", "logging_steps", "max_ckpt_num"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
-        for flag in ("eval_steps", "save_steps"):
-            if getattr(self, flag) == 0 or getattr(self, flag) < -1:
-                raise ValueError(f"--{flag} must be a positive number of steps or -1, got {getattr(self, flag)}")
-        if self.input_template is not None and "{}" not in self.input_template:
-            raise ValueError(f"--input_template {self.input_template!r} has no '{{}}' placeholder for the input")
+        if self.eval_steps == 0 or self.eval_steps < -1:
+            raise ValueError(f"--eval_steps must be a positive number of steps or -1, got {self.eval_steps}")
 
 
 class BatchSource(Protocol):
@@ -170,12 +126,9 @@ def setup_mesh(cfg: SupervisedConfig):
 
     Call before anything touches a jax device.
     """
-    from sharding import distributed, make_mesh, parse_mesh
+    from jaxrlhf.train.run import start_meshes
 
-    distributed.start(cfg, lambda n: parse_mesh(cfg.mesh).size // n)  # single process unless flags/env say otherwise
-    mesh = make_mesh(cfg.mesh)
-    distributed.check_mesh_hosts(mesh)
-    return mesh
+    return start_meshes(cfg)[1]["main"]
 
 
 def dry_run(cfg: SupervisedConfig) -> dict:
@@ -326,57 +279,6 @@ def check_batch_arithmetic(cfg: SupervisedConfig, dp: int, num_train: int, num_e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Outputs: logger, HF export (helpers another trainer may share)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def make_logger(cfg, log_dir: str, *, total_steps: int, progress_keys: tuple[str, ...]):
-    """``MetricsLogger`` from the common logging flags (``--use_wandb`` 'false'/None means off)."""
-    from jaxrlhf.train.metrics import MetricsLogger
-
-    use_wandb = False if cfg.use_wandb in (None, "false", "False") else cfg.use_wandb
-    return MetricsLogger(log_dir, use_tensorboard=cfg.use_tensorboard, use_wandb=use_wandb,
-                         wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                         config=config_to_dict(cfg), total_steps=total_steps, progress_keys=progress_keys)
-
-
-WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json")
-
-
-def export_into(params, model_cfg, save_path: str, *, head: str, aux_from: str | None,
-                extra_config: dict | None = None) -> str | None:
-    """Write ``params`` as an HF directory INTO ``save_path``, keeping whatever else lives there (logs, checkpoints).
-
-    Call it on EVERY process: a parameter sharded across hosts is all-gathered tensor by tensor (a collective); only
-    process 0 writes (and returns ``save_path``; the others return None).
-
-    The model is first written completely to a temporary directory inside ``save_path`` (``converters.hf.export_hf``),
-    then each file is renamed into place (weights first, ``config.json`` last); weight files of an earlier export
-    that the new one does not have are removed, so the directory never mixes two exports' shards.
-    """
-    import jax
-
-    from converters.hf import export_hf, hf_tensors
-
-    if jax.process_index() != 0:  # multi-host: join process 0's per-tensor gathers (a collective), write nothing
-        for _ in hf_tensors(params, model_cfg):  # export_hf gathers in this same (tree) order
-            pass
-        return None
-    os.makedirs(save_path, exist_ok=True)
-    tmp = os.path.join(save_path, f".export-{os.getpid()}")
-    export_hf(params, model_cfg, tmp, head=head, aux_from=aux_from, extra_config=extra_config, overwrite=True)
-    new = set(os.listdir(tmp))
-    for pattern in WEIGHT_FILES:
-        for old in glob.glob(os.path.join(save_path, pattern)):
-            if os.path.basename(old) not in new:
-                os.remove(old)
-    for name in sorted(new, key=lambda n: n == "config.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(save_path, name))
-    shutil.rmtree(tmp, ignore_errors=True)
-    return save_path
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -392,35 +294,35 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     Warm-up + cosine (or constant) schedule over ``max_epochs x epoch`` steps (or ``--max_steps``), one jitted step
     per optimizer update (``steps.make_train_step``: micro-batch scan, gradient sum, AdamW), evaluation every
     ``--eval_steps`` and at the end, Orbax checkpoints every ``--save_steps`` and at the end, metrics every
-    ``--logging_steps``, then the HF export and the plot. A non-finite training loss stops the run with a
-    FloatingPointError; the last good checkpoint is kept.
+    ``--logging_steps``, then the HF export (also when resumed at the last step) and the plot. Resuming follows
+    ``train/run.py`` (refused for another trainer's or another run's checkpoints). A non-finite training loss stops
+    the run with a FloatingPointError; the last good checkpoint is kept.
 
     Returns ``{"metrics": last train metrics, "eval": last eval metrics, "log": metrics.jsonl, "steps": total steps,
-    "params": final parameters, "save_path": HF directory, "plot": PNG}`` ("save_path"/"plot" only on process 0 when
-    at least one step ran in this call).
+    "params": final parameters, "save_path": HF directory, "plot": PNG}`` ("save_path"/"plot" only on process 0).
     """
+    import contextlib
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from converters.hf import export_hf
     from jaxrlhf.data.loader import BatchIterator
     from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
     from jaxrlhf.train.metrics import plot_metrics
     from jaxrlhf.train.optim import make_optimizer
+    from jaxrlhf.train.run import open_logger, prepare_outputs, resume_step, stop_if_not_finite, total_steps_of
     from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, stack_micro_batches
 
     dp = data_parallel_size(mesh)
     check_batch_arithmetic(cfg, dp, len(train_data), None if eval_data is None else len(eval_data))
     micro = cfg.micro_train_batch_size * dp
     compute_dtype = jnp.bfloat16 if cfg.bf16 else None
-
     batches = BatchIterator(len(train_data), cfg.train_batch_size, seed=cfg.seed)
-    total_steps = cfg.max_epochs * batches.batches_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = total_steps_of(batches.batches_per_epoch, cfg.max_epochs, cfg.max_steps)
     eval_every = batches.batches_per_epoch if cfg.eval_steps == -1 else cfg.eval_steps
 
-    # ---------------------------------------------------------------- model, optimizer, jitted step
     model_cfg = model.cfg
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
@@ -432,54 +334,109 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     opt_state = init_optimizer(tx, params, mesh)
     train_step = make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt_state, mesh=mesh,
                                  compute_dtype=compute_dtype)
-    eval_step = make_forward(graphdef, loss_fn, params=params, mesh=mesh, compute_dtype=compute_dtype)
+    evaluate = _evaluator(eval_data, make_forward(graphdef, loss_fn, params=params, mesh=mesh,
+                                                  compute_dtype=compute_dtype), prepare, dp=dp, micro=micro)
 
-    # ---------------------------------------------------------------- resume
-    ckpt = Checkpointer(cfg.ckpt_path, max_to_keep=cfg.max_ckpt_num)
-    start_step = 0
-    if not cfg.load_checkpoint and ckpt.latest_step() is not None:
-        raise ValueError(f"--ckpt_path {cfg.ckpt_path} already holds checkpoints (steps {ckpt.all_steps()}): pass "
-                         "--load_checkpoint to resume that run, or choose a new --ckpt_path")
-    if cfg.load_checkpoint and ckpt.latest_step() is None:
-        print(f"[ckpt] --load_checkpoint: no checkpoint in {cfg.ckpt_path} yet; starting from step 0", file=sys.stderr)
-    if cfg.load_checkpoint and ckpt.latest_step() is not None:
-        last = ckpt.latest_step()
-        state, meta = ckpt.restore(last, abstract_like({"params": params, "opt": opt_state}))
-        if meta.get("name") != name:
-            raise ValueError(f"checkpoint {cfg.ckpt_path}/{last} was written by the {meta.get('name')!r} trainer, not "
-                             f"{name!r}: point --ckpt_path at this trainer's own checkpoints")
-        if meta.get("num_train") != len(train_data) or meta.get("train_batch_size") != cfg.train_batch_size:
-            raise ValueError(
-                f"checkpoint {cfg.ckpt_path}/{last} was written for {meta.get('num_train')} training rows and "
-                f"--train_batch_size {meta.get('train_batch_size')}, this run has {len(train_data)} and "
-                f"{cfg.train_batch_size}: resume with the same data and batch flags, or use a new --ckpt_path")
-        params, opt_state = state["params"], state["opt"]
-        start_step = int(meta["step"])
-        batches.load_state(meta["data"])
-        print(f"[ckpt] resumed from step {start_step} of {cfg.ckpt_path}", file=sys.stderr)
+    with contextlib.ExitStack() as run:
+        prepare_outputs(cfg.save_path)
+        ckpt = run.enter_context(Checkpointer(cfg.ckpt_path, max_to_keep=cfg.max_ckpt_num))
+        fingerprint = run_fingerprint(cfg, name, train_data)
+        start_step = resume_step(ckpt, ckpt_path=cfg.ckpt_path, load_checkpoint=cfg.load_checkpoint,
+                                 fingerprint=fingerprint, allow_config_change=cfg.allow_config_change)
+        if start_step is not None:
+            state, meta = ckpt.restore(start_step, abstract_like({"params": params, "opt": opt_state}))
+            params, opt_state = state["params"], state["opt"]
+            batches.load_state(meta["data"])
+            print(f"[ckpt] resumed from step {start_step} of {cfg.ckpt_path}", file=sys.stderr)
+        resumed, start_step = start_step is not None, start_step or 0
+        log_dir = os.path.join(cfg.save_path, "logs")
+        logger = run.enter_context(open_logger(cfg, log_dir, total_steps=total_steps, progress_keys=progress_keys,
+                                               resumed=resumed))
 
-    os.makedirs(cfg.save_path, exist_ok=True)
-    log_dir = os.path.join(cfg.save_path, "logs")
-    logger = make_logger(cfg, log_dir, total_steps=total_steps, progress_keys=progress_keys)
+        def next_batch():
+            """(data position before this batch, the prepared global batch); built while the device works."""
+            position = batches.state()
+            b = train_data.batch(batches.next_batch())
+            return position, (prepare(b) if prepare is not None else b)
 
-    # ---------------------------------------------------------------- evaluation
-    eval_rows = eval_totals = None
-    if eval_data is not None:
-        eval_rows = len(eval_data) // dp * dp  # every forward chunk must split over the dp ranks
-        if eval_rows < len(eval_data):
-            print(f"[eval] evaluating {eval_rows} of {len(eval_data)} eval rows (a multiple of the data-parallel "
-                  f"size {dp})", file=sys.stderr)
-        eval_chunks = [np.arange(a, min(a + micro, eval_rows)) for a in range(0, eval_rows, micro)]
-        eval_totals = {}
-        for idx in eval_chunks:  # normalisers are additive counts: their eval-set totals
-            for k, v in eval_data.batch(idx).items():
-                if np.ndim(v) == 0:
-                    eval_totals[k] = eval_totals.get(k, 0) + v
+        metrics: dict = {}
+        eval_metrics: dict = {}
+        pending = next_batch() if start_step < total_steps else None
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            _, batch = pending
+            params, opt_state, m = train_step(params, opt_state, stack_micro_batches(batch, micro))
+            pending = next_batch() if step + 1 < total_steps else None  # host work overlaps the device step
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            stop_if_not_finite({"training loss": m["loss"]}, step=step + 1, ckpt=ckpt, ckpt_path=cfg.ckpt_path,
+                               hint="lower --learning_rate or check the data")
+            done = step + 1
+            metrics = {**m, "lr": float(schedule(step)), "epoch": done / batches.batches_per_epoch,
+                       **_throughput(batch, time.perf_counter() - t0)}
+            evaluated = evaluate is not None and (done % eval_every == 0 or done == total_steps)
+            if evaluated:
+                eval_metrics = evaluate(params)
+                metrics.update(eval_metrics)
+            if done % cfg.logging_steps == 0 or done == total_steps or evaluated:
+                logger.log(done, metrics)
+            if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps:
+                ckpt.save(done, {"params": params, "opt": opt_state},
+                          {"step": done, "data": pending[0] if pending is not None else batches.state(),
+                           "fingerprint": fingerprint})
+
+    # ---------------------------------------------------------------- outputs (also when resumed at the last step)
+    out = {"metrics": metrics, "eval": eval_metrics, "log": os.path.join(log_dir, "metrics.jsonl"),
+           "steps": total_steps, "params": params}
+    # Every process: extra_config may run jitted forwards on the mesh and the export gathers each sharded tensor
+    # (collectives); only process 0 writes files.
+    extra = extra_config(params) if extra_config is not None else None
+    saved = export_hf(params, model_cfg, cfg.save_path, head=head, aux_from=cfg.pretrain, extra_config=extra,
+                      overwrite=True)
+    if jax.process_index() == 0:
+        out["save_path"] = saved
+        out["plot"] = os.path.join(cfg.save_path, f"{name}_metrics.png")
+        plot_metrics(out["log"], list(plot_keys), out["plot"])
+    return out
+
+
+def run_fingerprint(cfg: SupervisedConfig, name: str, train_data: BatchSource) -> dict:
+    """What a resumed run must share with the checkpoint it resumes (train/run.py ``resume_step``)."""
+    from jaxrlhf.train.run import data_fingerprint
+
+    first = train_data.batch(np.arange(min(16, len(train_data))))
+    rows = [first[k] for k in sorted(first) if np.ndim(first[k]) > 0]
+    return {"trainer": name, "--seed": cfg.seed, "--train_batch_size": cfg.train_batch_size,
+            "--dataset": data_fingerprint(rows, len(train_data))}
+
+
+def _throughput(batch: dict, seconds: float) -> dict:
+    """step_time, samples/s and (real) tokens/s of one step's batch."""
+    tokens = sum(float(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))
+    rows = next(len(v) for v in batch.values() if np.ndim(v) > 0)
+    return {"step_time": seconds, "samples_per_s": rows / seconds, **({"tokens_per_s": tokens / seconds} if tokens
+                                                                       else {})}
+
+
+def _evaluator(eval_data: BatchSource | None, eval_step, prepare, *, dp: int, micro: int):
+    """``evaluate(params) -> {"eval/<metric>": value}`` over the eval rows (a multiple of dp), exact set means: each
+    chunk's normalisers are replaced by their eval-set totals (module docstring). None without eval data."""
+    if eval_data is None:
+        return None
+    eval_rows = len(eval_data) // dp * dp  # every forward chunk must split over the dp ranks
+    if eval_rows < len(eval_data):
+        print(f"[eval] evaluating {eval_rows} of {len(eval_data)} eval rows (a multiple of the data-parallel "
+              f"size {dp})", file=sys.stderr)
+    chunks = [np.arange(a, min(a + micro, eval_rows)) for a in range(0, eval_rows, micro)]
+    totals: dict = {}
+    for idx in chunks:  # normalisers are additive counts: their eval-set totals
+        for k, v in eval_data.batch(idx).items():
+            if np.ndim(v) == 0:
+                totals[k] = totals.get(k, 0) + v
 
     def evaluate(params) -> dict:
         sums: dict[str, float] = {}
-        for idx in eval_chunks:
-            b = {**eval_data.batch(idx), **eval_totals}
+        for idx in chunks:
+            b = {**eval_data.batch(idx), **totals}
             if prepare is not None:
                 b = prepare(b)
             loss, m = eval_step(params, b)
@@ -487,65 +444,7 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {f"eval/{k}": v for k, v in sums.items()}
 
-    # ---------------------------------------------------------------- the loop
-    def next_batch():
-        """(data position before this batch, the prepared global batch); built while the device works."""
-        position = batches.state()
-        b = train_data.batch(batches.next_batch())
-        return position, (prepare(b) if prepare is not None else b)
-
-    def save(step: int, data_position: dict) -> None:
-        ckpt.save(step, {"params": params, "opt": opt_state},
-                  {"step": step, "data": data_position, "num_train": len(train_data),
-                   "train_batch_size": cfg.train_batch_size, "seed": cfg.seed, "name": name})
-
-    metrics: dict = {}
-    eval_metrics: dict = {}
-    pending = next_batch() if start_step < total_steps else None
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        _, batch = pending
-        params, opt_state, m = train_step(params, opt_state, stack_micro_batches(batch, micro))
-        pending = next_batch() if step + 1 < total_steps else None  # host work overlaps the device step
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not math.isfinite(m["loss"]):
-            ckpt.wait()
-            logger.close()
-            raise FloatingPointError(
-                f"training loss is {m['loss']} at step {step + 1}: stopping. The last good checkpoint in "
-                f"{cfg.ckpt_path} (step {ckpt.latest_step()}) is untouched; lower --learning_rate or check the "
-                "data, then resume with --load_checkpoint")
-        dt = time.perf_counter() - t0
-        tokens = sum(float(np.sum(v)) for k, v in batch.items() if k.endswith("attention_mask"))
-        rows = next(len(v) for v in batch.values() if np.ndim(v) > 0)
-        metrics = {**m, "lr": float(schedule(step)), "epoch": (step + 1) / batches.batches_per_epoch,
-                   "step_time": dt, "samples_per_s": rows / dt, **({"tokens_per_s": tokens / dt} if tokens else {})}
-        done = step + 1
-        evaluated = eval_data is not None and (done % eval_every == 0 or done == total_steps)
-        if evaluated:
-            eval_metrics = evaluate(params)
-            metrics.update(eval_metrics)
-        if done % cfg.logging_steps == 0 or done == total_steps or evaluated:
-            logger.log(done, metrics)
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == total_steps:
-            save(done, pending[0] if pending is not None else batches.state())
-    ckpt.wait()
-    ckpt.close()
-    logger.close()
-
-    # ---------------------------------------------------------------- outputs
-    out = {"metrics": metrics, "eval": eval_metrics, "log": os.path.join(log_dir, "metrics.jsonl"),
-           "steps": total_steps, "params": params}
-    if start_step < total_steps:
-        # Every process: extra_config may run jitted forwards on the mesh and the export gathers each sharded
-        # tensor (collectives); only process 0 writes files.
-        extra = extra_config(params) if extra_config is not None else None
-        saved = export_into(params, model_cfg, cfg.save_path, head=head, aux_from=cfg.pretrain, extra_config=extra)
-        if jax.process_index() == 0:
-            out["save_path"] = saved
-            out["plot"] = os.path.join(cfg.save_path, f"{name}_metrics.png")
-            plot_metrics(out["log"], list(plot_keys), out["plot"])
-    return out
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------------------------------

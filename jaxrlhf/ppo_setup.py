@@ -1,0 +1,283 @@
+"""The PPO entry point's wiring: ``PPOConfig`` -> the parts its loop uses (jaxrlhf/ppo.py is the only caller).
+
+``build`` loads the prompts, the models of each role (actor, reference, critic, reward models / reward function),
+compiles the jitted forwards and steps from explicit arguments (train/ppo_step.py), starts the rollout engine behind
+a ``RolloutClient``, and resumes (or refuses) from ``--ckpt_path`` through the shared run infrastructure
+(train/run.py). The library modules it calls never see the config.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from jaxrlhf.advantages import ESTIMATORS
+
+
+@dataclass
+class Parts:
+    """What ``build`` returns: everything the loop reads, built once."""
+
+    data: Any  # PromptDataset
+    batches: Any  # BatchIterator over prompt indices (its position is checkpointed)
+    total_steps: int
+    updates_per_step: int
+    dp: int
+    model_cfg: Any
+    tokenizer: Any
+    state: Any  # the (resumed) PPOState
+    actor_step: Callable
+    critic_step: Callable | None
+    forwards: dict  # name -> jitted (params, rows) -> [b, R]: old_logp, ref_logp, values
+    ref_params: Any
+    reward_models: Any
+    remote_reward: Any
+    client: Any  # RolloutClient
+    actor_lr: Callable
+    ckpt: Any
+    logger: Any
+    fingerprint: dict
+
+
+def load_prompts(cfg, tokenizer):
+    """``--prompt_data`` blended and tokenized (``PromptDataset``), checked against ``--rollout_batch_size``."""
+    from jaxrlhf.data.prompts import PromptDataset
+    from jaxrlhf.data.sources import blend, parse_probs, split_specs
+
+    records = blend(split_specs(cfg.prompt_data), parse_probs(cfg.prompt_data_probs), seed=cfg.seed,
+                    max_samples=cfg.max_samples, split=cfg.prompt_split)
+    data = PromptDataset(records, tokenizer, input_key=cfg.input_key, label_key=cfg.label_key,
+                         apply_chat_template=cfg.apply_chat_template, input_template=cfg.input_template,
+                         prompt_max_len=cfg.prompt_max_len, source=cfg.prompt_data)
+    if data.num_truncated:
+        print(f"[data] {data.num_truncated} of {len(data)} prompts were longer than --prompt_max_len "
+              f"{cfg.prompt_max_len} and were left-truncated", file=sys.stderr)
+    if len(data) < cfg.rollout_batch_size:
+        raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} exceeds the {len(data)} prompts of "
+                         f"--prompt_data: lower it")
+    return data
+
+
+def _split(model):
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return graphdef, state.to_pure_dict()
+
+
+def _critic_source(cfg) -> str:
+    return cfg.critic_pretrain or (cfg.reward_pretrain.split(",")[0] if cfg.reward_pretrain else cfg.pretrain)
+
+
+def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
+    """Every part of a PPO run (module docstring); engines, checkpointer and logger are closed by ``run``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrlhf.data.loader import BatchIterator
+    from jaxrlhf.data.tokenizer import load_tokenizer
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.rewards import load_remote_reward
+    from jaxrlhf.rewards.model import RewardModels
+    from jaxrlhf.train.ppo_step import PPOState
+    from jaxrlhf.train.run import prepare_outputs, total_steps_of
+    from sharding import placement
+
+    mesh = meshes["main"]
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.reward_pretrain is None and cfg.remote_rm_url is None:
+        raise ValueError("no reward: pass --reward_pretrain (reward model dir) or --remote_rm_url (reward.py / URL)")
+    if cfg.prompt_data is None:
+        raise ValueError("--prompt_data is required with --pretrain")
+    prepare_outputs(cfg.save_path, "actor", "critic")
+    compute_dtype = jnp.bfloat16 if cfg.bf16 else None
+    tokenizer = load_tokenizer(cfg.pretrain)
+    data = load_prompts(cfg, tokenizer)
+    batches = BatchIterator(len(data), cfg.rollout_batch_size, seed=cfg.seed)
+    total_steps = total_steps_of(batches.batches_per_epoch, cfg.num_episodes, cfg.max_steps)
+    updates_per_step = cfg.max_epochs * cfg.rollout_batch_size * cfg.n_samples_per_prompt // cfg.train_batch_size
+
+    actor = from_pretrained(cfg.pretrain, mesh=mesh, dtype=jnp.float32, head="lm", remat=cfg.gradient_checkpointing)
+    model_cfg = actor.cfg
+    actor_def, actor_params = _split(actor)
+    ref_def = ref_params = None
+    if cfg.needs_reference:  # a separate frozen copy (the actor's buffers are donated on update), in the compute
+        # dtype; on its own devices with --ref_mesh, in host memory between experience passes with --ref_offload
+        ref_def, ref_params = _split(from_pretrained(cfg.pretrain, mesh=meshes.get("ref", mesh), head="lm",
+                                                     dtype=compute_dtype or jnp.float32))
+    critic_def = critic_params = None
+    if ESTIMATORS[cfg.advantage_estimator].critic:
+        critic_def, critic_params = _split(from_pretrained(
+            _critic_source(cfg), mesh=mesh, dtype=jnp.float32, head="score", value_head_prefix=cfg.value_head_prefix,
+            remat=cfg.gradient_checkpointing, seed=cfg.seed))
+    reward_models = RewardModels(cfg.reward_pretrain.split(","), mesh=meshes.get("reward", mesh),
+                                 value_head_prefix=cfg.value_head_prefix,
+                                 compute_dtype=compute_dtype) if cfg.reward_pretrain else None
+    if reward_models is not None and cfg.reward_offload:
+        reward_models.offload()
+    remote_reward = load_remote_reward(cfg.remote_rm_url, timeout_s=cfg.remote_rm_timeout) \
+        if cfg.remote_rm_url else None
+
+    steps = _compile(cfg, mesh=mesh, ref_mesh=meshes.get("ref"), actor=(actor_def, actor_params),
+                     ref=(ref_def, ref_params), critic=(critic_def, critic_params), compute_dtype=compute_dtype,
+                     total_updates=max(1, total_steps * updates_per_step))
+    if ref_params is not None and cfg.ref_offload:
+        ref_params = placement.offload(ref_params)
+    client = _client(cfg, actor, tokenizer, mesh, data, probe_forward=steps.pop("probe"), chunk=(
+        cfg.micro_rollout_batch_size * dp), model_cfg=model_cfg, run=run)
+    del actor  # the engine and actor_params hold what is needed
+
+    state = PPOState(actor=actor_params, actor_opt=steps.pop("actor_opt"), critic=critic_params,
+                     critic_opt=steps.pop("critic_opt"), kl_coef=cfg.init_kl_coef)
+    ckpt, logger, state, fingerprint = _resume(cfg, run, state, batches, data, total_steps)
+    return Parts(data=data, batches=batches, total_steps=total_steps, updates_per_step=updates_per_step, dp=dp,
+                 model_cfg=model_cfg, tokenizer=tokenizer, state=state, ref_params=ref_params,
+                 reward_models=reward_models, remote_reward=remote_reward, client=client, ckpt=ckpt, logger=logger,
+                 fingerprint=fingerprint, **steps)
+
+
+def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_updates: int) -> dict:
+    """The jitted pieces: actor/critic train steps and their optimizer states, the frozen forwards, the probe."""
+    from jaxrlhf.train import ppo_step
+    from jaxrlhf.train.optim import make_optimizer
+    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step
+
+    shape = dict(prompt_len=cfg.prompt_max_len, response_len=cfg.generate_max_len)
+    eps_low, eps_high = cfg.eps_clip_low_high or (cfg.eps_clip, cfg.eps_clip)
+    policy_loss = ppo_step.policy_loss_fn(**shape, temperature=cfg.temperature, eps_clip_low=eps_low,
+                                          eps_clip_high=eps_high, dual_clip=cfg.dual_clip,
+                                          entropy_coef=cfg.entropy_coef, use_kl_loss=cfg.use_kl_loss,
+                                          kl_estimator=cfg.kl_estimator)
+    logprobs = ppo_step.logprob_fn(**shape, temperature=cfg.temperature)
+
+    def trainer(graphdef, params, loss_fn, lr):
+        tx, schedule = make_optimizer(learning_rate=lr, total_steps=total_updates, warmup_ratio=cfg.lr_warmup_ratio,
+                                      min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.l2,
+                                      betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
+        opt = init_optimizer(tx, params, mesh)
+        return make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt, mesh=mesh,
+                               compute_dtype=compute_dtype), opt, schedule
+
+    (actor_def, actor_params), (ref_def, ref_params), (critic_def, critic_params) = actor, ref, critic
+    out: dict = {"critic_step": None, "critic_opt": None}
+    out["actor_step"], out["actor_opt"], out["actor_lr"] = trainer(actor_def, actor_params, policy_loss,
+                                                                   cfg.actor_learning_rate)
+    forwards = {"old_logp": make_forward(actor_def, logprobs, params=actor_params, mesh=mesh,
+                                         compute_dtype=compute_dtype)}
+    if ref_params is not None:  # --ref_mesh: compiled for its own mesh
+        forwards["ref_logp"] = forwards["old_logp"] if ref_mesh is None else make_forward(
+            ref_def, logprobs, params=_abstract(ref_params), mesh=ref_mesh, compute_dtype=compute_dtype)
+    if critic_params is not None:
+        out["critic_step"], out["critic_opt"], _ = trainer(
+            critic_def, critic_params, ppo_step.value_loss_fn(**shape, value_clip=cfg.value_clip),
+            cfg.critic_learning_rate)
+        forwards["values"] = make_forward(critic_def, ppo_step.value_fn(**shape), params=critic_params, mesh=mesh,
+                                          compute_dtype=compute_dtype)
+    out["forwards"] = forwards
+    out["probe"] = make_forward(actor_def, ppo_step.probe_fn(**shape), params=actor_params, mesh=mesh,
+                                compute_dtype=compute_dtype)
+    return out
+
+
+def _abstract(tree):
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, model_cfg, run):
+    """The rollout engine (JAX sampler or vLLM pool, closed by ``run``) behind a ``RolloutClient``."""
+    import jax
+
+    from jaxrlhf.rollout.client import RolloutClient
+    from jaxrlhf.rollout.setup import engine_dtype, make_engine
+    from jaxrlhf.rollout.sync_check import default_tolerance
+
+    engine = make_engine(cfg, model=actor, pretrain=cfg.pretrain, tokenizer=tokenizer, mesh=mesh,
+                         prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, bf16=cfg.bf16,
+                         seed=cfg.seed)
+    if engine is not None:
+        run.callback(engine.close)
+    # Weight sync: the pool gets host arrays, except NCCL on one host (device arrays handed over by DLPack); the JAX
+    # sampler keeps device arrays.
+    pool = bool(cfg.vllm_num_engines)
+    return RolloutClient(
+        engine, collective=not pool, num_engines=cfg.vllm_num_engines, model_cfg=model_cfg,
+        pad_id=tokenizer.pad_token_id, prompt_len=cfg.prompt_max_len, response_len=cfg.generate_max_len,
+        weights_on_host=pool and not (cfg.vllm_sync_backend == "nccl" and jax.process_count() == 1),
+        sync_check=cfg.vllm_sync_check, probe_prompts=data.batch(list(range(min(4, len(data)))))[1],
+        probe_forward=probe_forward, chunk=chunk, tolerance=default_tolerance(engine_dtype(cfg, cfg.bf16)))
+
+
+def _resume(cfg, run, state, batches, data, total_steps: int):
+    """``(checkpointer, logger, state, fingerprint)``: ``state`` restored from ``--ckpt_path`` when resuming."""
+    from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
+    from jaxrlhf.train.run import data_fingerprint, open_logger, resume_step
+
+    ckpt = run.enter_context(Checkpointer(cfg.ckpt_path, max_to_keep=cfg.max_ckpt_num))
+    fingerprint = {"trainer": "ppo", "--seed": cfg.seed, "--rollout_batch_size": cfg.rollout_batch_size,
+                   "--n_samples_per_prompt": cfg.n_samples_per_prompt, "--train_batch_size": cfg.train_batch_size,
+                   "--max_epochs": cfg.max_epochs,
+                   "--prompt_data": data_fingerprint(data.batch(list(range(min(64, len(data)))))[1], len(data))}
+    last = resume_step(ckpt, ckpt_path=cfg.ckpt_path, load_checkpoint=cfg.load_checkpoint, fingerprint=fingerprint,
+                       allow_config_change=cfg.allow_config_change)
+    if last is not None:
+        arrays, meta = ckpt.restore(last, abstract_like(state.arrays()))
+        state = state.restored(arrays, meta)
+        batches.load_state(meta["data"])
+        print(f"[ckpt] resumed from step {state.step} of {cfg.ckpt_path}", file=sys.stderr)
+    logger = run.enter_context(open_logger(cfg, os.path.join(cfg.save_path, "logs"), total_steps=total_steps,
+                                           progress_keys=("reward", "kl", "step_time"), resumed=last is not None))
+    return ckpt, logger, state, fingerprint
+
+
+def sampling_params(cfg, step: int):
+    """Step ``step``'s sampling: the flags, seeded from ``--seed`` and the step (a resumed run repeats it)."""
+    import jax
+
+    from jaxrlhf.rollout import SamplingParams
+
+    key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    return SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                          max_tokens=cfg.generate_max_len, seed=int(jax.random.randint(key, (), 0, 2**31 - 1)))
+
+
+def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labels: list):
+    """``(Experience, reward_stats)`` of one rollout: the forwards (reference back on its devices for the pass with
+    --ref_offload), the rewards (running-normalised with --normalize_reward and no reward model), the advantages."""
+    from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize, score
+    from sharding import placement
+
+    chunk = cfg.micro_rollout_batch_size * p.dp
+    ref = placement.onload(p.ref_params) if cfg.ref_offload and p.ref_params is not None else p.ref_params
+    params = {"old_logp": state.actor, "ref_logp": ref, "values": state.critic}
+    outs = forward_in_chunks({k: (lambda rows, f=f, k=k: f(params[k], rows)) for k, f in p.forwards.items()},
+                             rollout.sequences, rollout.attention_mask, chunk)
+    del ref
+    raw, info = score(rollout.sequences, rollout.attention_mask, response_ids=rollout.response_ids(), chunk=chunk,
+                      reward_models=p.reward_models, remote_reward=p.remote_reward, tokenizer=p.tokenizer,
+                      prompts=prompts, labels=labels, n_samples=cfg.n_samples_per_prompt,
+                      normalize=cfg.normalize_reward)
+    reward, stats = raw, state.reward_stats
+    if cfg.normalize_reward and p.reward_models is None:
+        reward, stats = running_normalize(raw, stats)
+    exp = make_experience(
+        rollout.sequences, rollout.attention_mask, rollout.rollout_logp, prompt_len=rollout.prompt_len,
+        old_logp=outs["old_logp"], ref_logp=outs.get("ref_logp"), values=outs.get("values"), raw_reward=raw,
+        reward=reward, estimator=cfg.advantage_estimator, n_samples=cfg.n_samples_per_prompt, kl_coef=state.kl_coef,
+        kl_estimator=cfg.kl_estimator, use_kl_loss=cfg.use_kl_loss, reward_clip_range=cfg.reward_clip_range,
+        gamma=cfg.gamma, lambd=cfg.lambd, std_norm=not cfg.no_advantage_std_norm, info=info)
+    return exp, stats
+
+
+def adapt_kl(cfg, kl_coef: float, mean_kl: float, n_samples: int) -> float:
+    """The next KL coefficient: fixed, or adaptive towards ``--kl_target`` over ``--kl_horizon`` samples."""
+    from jaxrlhf import losses
+
+    if cfg.kl_target is None:
+        return kl_coef
+    return float(losses.adaptive_kl_coef(kl_coef, mean_kl, n_samples, kl_target=cfg.kl_target,
+                                         kl_horizon=cfg.kl_horizon))
+

@@ -1,0 +1,162 @@
+"""What the RL loop needs from a rollout engine, on every process of the job.
+
+``RolloutClient`` wraps an ``Engine`` (engine.py: the JAX sampler on every process, or the vLLM pool on process 0
+only) and gives the loop three calls:
+
+- ``generate(prompt_ids, sampling) -> Rollout``: fixed-shape padded ``[prompt | response]`` rows, the same on
+  every process. Rows are built on process 0 and broadcast (``sharding.distributed.from_process0``): an engine
+  error there (a vLLM ``TimeoutError``) is raised on process 0 and reported on the others, nobody waits forever.
+- ``sync(params) -> metrics``: send the policy's weights (HF names, ``converters.hf.hf_tensors``) to the engine;
+  every process joins the per-tensor gathers, a failure on process 0 is reported on all of them. It counts its
+  syncs and runs ``check`` after the first one or after every one (``sync_check``).
+- ``check(params) -> metrics``: the sync-correctness probe: each engine's greedy continuation of a few probe
+  prompts and its log-probs, against the trainer's log-probs of the same tokens (``rollout/sync_check.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from jaxrlhf.rollout.engine import Completion, SamplingParams
+
+
+@dataclass
+class Rollout:
+    """One batch of generated samples, prompt-major (sample i answers prompt i // n).
+
+    sequences / attention_mask: [B, P + R] int32, the prompt left-padded to P, the response right-padded to R.
+    rollout_logp: [B, R] float32, the engine's log-probs of the response tokens (0 on padding).
+    """
+
+    sequences: np.ndarray
+    attention_mask: np.ndarray
+    rollout_logp: np.ndarray
+    prompt_len: int
+
+    @property
+    def action_mask(self) -> np.ndarray:
+        """[B, R] float32: 1 on generated tokens."""
+        return self.attention_mask[:, self.prompt_len:].astype(np.float32)
+
+    def response_ids(self) -> list[list[int]]:
+        p = self.prompt_len
+        return [row[p:][mask[p:] > 0].tolist() for row, mask in zip(self.sequences, self.attention_mask)]
+
+
+def pad_rows(prompt_rows: list[list[int]], completions: list[Completion], *, pad_id: int, prompt_len: int,
+             response_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(sequences, attention_mask, rollout_logp)`` of ``completions`` (see ``Rollout``)."""
+    from jaxrlhf.data.loader import left_pad, right_pad
+
+    p_ids, p_mask = left_pad([prompt_rows[c.prompt_index] for c in completions], pad_id, length=prompt_len)
+    r_ids, r_mask = right_pad([c.token_ids for c in completions], pad_id, length=response_len)
+    logp = np.zeros((len(completions), response_len), np.float32)
+    for i, c in enumerate(completions):
+        logp[i, :len(c.logprobs)] = c.logprobs
+    return np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1), logp
+
+
+def agree(error: BaseException | None) -> None:
+    """After a step process 0 ran alone: raise ``error`` there and a RuntimeError on the others (one broadcast)."""
+    from sharding.distributed import from_process0
+
+    def status() -> np.int32:
+        if error is not None:
+            raise error
+        return np.int32(0)
+
+    from_process0(status, ((), np.int32))
+
+
+class RolloutClient:
+    """The loop's view of an engine (module docstring).
+
+    engine: the ``Engine`` on this process, or None (processes > 0 of a vLLM pool job).
+    collective: the engine runs on every process in lockstep (the JAX sampler): ``generate`` is called everywhere.
+    num_engines: engines behind ``engine`` that ``check`` probes (0: no probe, e.g. the JAX sampler).
+    model_cfg: the policy's ``ModelConfig`` (names and layout of the synced tensors).
+    weights_on_host: gather each tensor to host NumPy for the sync (the pool), else keep device arrays.
+    probe_forward: jitted ``(params, {"sequences", "attention_mask"}) -> (logp [n, R], best logp [n, R])``
+        (temperature 1), run in chunks of ``chunk`` rows; ``probe_prompts``: token lists of the probe prompts.
+    """
+
+    def __init__(self, engine, *, collective: bool, num_engines: int, model_cfg, pad_id: int, prompt_len: int,
+                 response_len: int, weights_on_host: bool, sync_check: Literal["off", "first", "every"] = "off",
+                 probe_prompts: list[list[int]] = (), probe_forward: Callable | None = None, chunk: int = 1,
+                 tolerance: float = 0.0):
+        self.engine, self.collective, self.num_engines = engine, collective, num_engines
+        self.model_cfg, self.pad_id = model_cfg, pad_id
+        self.prompt_len, self.response_len = prompt_len, response_len
+        self.weights_on_host, self.sync_check = weights_on_host, sync_check
+        self.probe_prompts, self.probe_forward, self.chunk, self.tolerance = (
+            list(probe_prompts), probe_forward, chunk, tolerance)
+        self.num_syncs = 0
+
+    def _rows(self, prompts: list[list[int]], completions: Callable[[], list[Completion]], n_rows: int):
+        """Rows from process 0's ``completions()`` on every process (errors propagated)."""
+        from sharding.distributed import from_process0
+
+        p, r = self.prompt_len, self.response_len
+        like = (((n_rows, p + r), np.int32), ((n_rows, p + r), np.int32), ((n_rows, r), np.float32))
+        return from_process0(lambda: pad_rows(prompts, completions(), pad_id=self.pad_id, prompt_len=p,
+                                              response_len=r), like)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollout:
+        n_rows = len(prompt_ids) * sampling.n
+        if self.collective:  # every process runs the sampler's (sharded) program: call it everywhere
+            done = self.engine.generate(prompt_ids, sampling)
+            rows = self._rows(prompt_ids, lambda: done, n_rows)
+        else:
+            rows = self._rows(prompt_ids, lambda: self.engine.generate(prompt_ids, sampling), n_rows)
+        return Rollout(*rows, prompt_len=self.prompt_len)
+
+    def sync(self, params: Any) -> dict:
+        """Send ``params`` to the engine; with ``sync_check`` probe the engines after it. Returns metrics."""
+        from converters.hf import hf_tensors
+
+        self.num_syncs += 1
+        named = hf_tensors(params, self.model_cfg, host=self.weights_on_host)
+        stats, error = None, None
+        if self.engine is not None:
+            try:
+                stats = self.engine.update_weights(named)
+            except Exception as e:  # noqa: BLE001 - re-raised by agree() once the others are released
+                error = e
+        for _ in named:  # the remaining per-tensor gathers every process joins (all of them off process 0)
+            pass
+        if not self.collective:
+            agree(error)
+        elif error is not None:
+            raise error
+        out = {"sync/seconds": stats["seconds"], "sync/GBps": stats["bytes"] / stats["seconds"] / 1e9} if stats \
+            else {}
+        if self.num_engines and (self.sync_check == "every" or (self.sync_check == "first" and self.num_syncs == 1)):
+            out.update(self.check(params))
+        return out
+
+    def check(self, params: Any) -> dict:
+        """Each engine's greedy answer to the probe prompts vs the trainer's log-probs (``sync_check``)."""
+        import jax.numpy as jnp
+
+        from jaxrlhf.rollout.sync_check import check_engines
+
+        greedy = SamplingParams(n=1, temperature=0.0, max_tokens=self.response_len)
+        prompts, n_rows = self.probe_prompts, self.num_engines * len(self.probe_prompts)
+
+        def completions() -> list[Completion]:
+            flat = [c for comps in self.engine.generate_each(prompts, greedy) for c in comps]
+            return flat + flat[:n_rows - len(flat)]  # engines down right now: repeat rows to keep the shapes fixed
+
+        seqs, attn, engine_logp = self._rows(prompts, completions, n_rows)
+        pad = -n_rows % self.chunk
+        batch = {"sequences": np.concatenate([seqs, seqs[:1].repeat(pad, 0)]),
+                 "attention_mask": np.concatenate([attn, attn[:1].repeat(pad, 0)])}
+        logp, best = [], []
+        for a in range(0, len(batch["sequences"]), self.chunk):
+            lp, b = self.probe_forward(params, {k: jnp.asarray(v[a:a + self.chunk]) for k, v in batch.items()})
+            logp.append(np.asarray(lp))
+            best.append(np.asarray(b))
+        return check_engines(engine_logp, np.concatenate(logp)[:n_rows], np.concatenate(best)[:n_rows],
+                             attn[:, self.prompt_len:], np.arange(n_rows) // len(prompts), tol=self.tolerance)

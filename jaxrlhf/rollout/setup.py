@@ -1,0 +1,76 @@
+"""The rollout-engine flags (OpenRLHF's ``--vllm_*`` spelling and the sampling flags) and the engine they describe:
+the in-process JAX sampler, or a Ray pool of vLLM engines (rollout/vllm_pool.py) on process 0."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from jaxrlhf.cli import arg
+
+
+@dataclass
+class RolloutFlags:
+    """Sampling and engine flags; a config that generates inherits them (call ``check_rollout_flags``)."""
+
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_p: float = arg(1.0, "nucleus sampling")
+    top_k: int = arg(-1, "top-k sampling (-1: off)")
+    vllm_num_engines: int = arg(0, "vLLM engines for rollouts, each a Ray actor (0: in-process JAX sampler; the "
+                                   "built-in demo uses 1 wherever vLLM and Ray are installed)")
+    vllm_tensor_parallel_size: int = arg(1, "GPUs per vLLM engine (reserved on one node by a placement group)")
+    vllm_gpu_memory_utilization: float = arg(0.9, "fraction of each engine GPU vLLM may use")
+    vllm_kv_cache_mb: int = arg(256, "KV cache per engine in MiB (required on CPU; 0 on GPU: sized by vLLM)")
+    vllm_dtype: str = arg("auto", "engine dtype: bfloat16, float16, float32 or auto (bfloat16 with --bf16, else "
+                                  "float32)")
+    enable_prefix_caching: bool = arg(False, "vLLM prefix caching (reset after every weight sync)")
+    enforce_eager: bool = arg(False, "vLLM without CUDA graphs")
+    vllm_sync_backend: Literal["ray", "nccl"] = arg("ray", "weight broadcast: ray (object store, any machine) or "
+                                                           "nccl (GPU clusters)")
+    weight_sync_bucket_mb: int = arg(256, "weight broadcast bucket size in MiB")
+    vllm_sync_check: Literal["off", "first", "every"] = arg(
+        "first", "after a weight sync, compare each engine's greedy continuation and logprobs of probe prompts with "
+                 "the trainer's and stop on a mismatch: off, after the first sync, or after every sync")
+    vllm_request_timeout: float = arg(600.0, "seconds to wait for one engine's answer before failing")
+    ray_address: Optional[str] = arg(None, "join this Ray cluster (e.g. auto or ray://host:10001); default: start a "
+                                           "local one")
+
+
+def check_rollout_flags(flags: RolloutFlags) -> None:
+    if flags.vllm_num_engines < 0:
+        raise ValueError(f"--vllm_num_engines must be >= 0, got {flags.vllm_num_engines}")
+
+
+def engine_dtype(flags: RolloutFlags, bf16: bool) -> str:
+    """``--vllm_dtype``, with ``auto`` = the trainer's compute dtype."""
+    return flags.vllm_dtype if flags.vllm_dtype != "auto" else ("bfloat16" if bf16 else "float32")
+
+
+def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, prompt_max_len: int,
+                generate_max_len: int, bf16: bool, seed: int):
+    """The JAX sampler over ``model`` (on every process), or the vLLM pool of ``pretrain`` (process 0; None on the
+    others). A converted (Orbax) ``pretrain`` starts the engines from dummy weights: sync before generating."""
+    import jax
+
+    eos = (tokenizer.eos_token_id,)
+    if not flags.vllm_num_engines:
+        from jaxrlhf.rollout import JaxSampler
+
+        return JaxSampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos,
+                          max_prompt_len=prompt_max_len)
+    if jax.process_index() != 0:
+        return None
+    try:
+        from jaxrlhf.rollout.vllm_pool import PoolConfig, VLLMPool
+    except ImportError as e:
+        raise ImportError(f"--vllm_num_engines {flags.vllm_num_engines} needs vLLM and Ray ({e}); install them with "
+                          f"scripts/setup.sh, or use --vllm_num_engines 0 for the JAX sampler") from None
+    from converters.hf import is_flax_checkpoint
+
+    return VLLMPool(PoolConfig(
+        model=pretrain, load_format="dummy" if is_flax_checkpoint(pretrain) else "auto",
+        num_engines=flags.vllm_num_engines, tensor_parallel_size=flags.vllm_tensor_parallel_size,
+        dtype=engine_dtype(flags, bf16), gpu_memory_utilization=flags.vllm_gpu_memory_utilization,
+        kv_cache_mb=flags.vllm_kv_cache_mb, enable_prefix_caching=flags.enable_prefix_caching,
+        enforce_eager=flags.enforce_eager, max_model_len=prompt_max_len + generate_max_len,
+        eos_token_ids=eos, seed=seed, sync_backend=flags.vllm_sync_backend, bucket_mb=flags.weight_sync_bucket_mb,
+        request_timeout_s=flags.vllm_request_timeout, ray_address=flags.ray_address))

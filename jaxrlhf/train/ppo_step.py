@@ -1,0 +1,168 @@
+"""The PPO update: trainer state, the policy and value losses, and the epochs over train batches.
+
+Losses are built from explicit keyword arguments (never a whole config) and read a train batch of
+``Experience.batch`` (train/experience.py): ``sequences`` / ``attention_mask`` [b, P + R], ``action_mask`` [b, R],
+``num_tokens`` (the step's token count: micro-batch losses sum to the step mean, train/steps.py) and the fields
+each loss names. The math is ``losses.py``'s (OpenRLHF's ``PolicyLoss`` / ``ValueLoss``)::
+
+    policy:  L = token_mean(ppo_policy_loss(logp, old_logp, A; eps_low, eps_high, dual_clip))
+                 - entropy_coef * token_mean(H)  [+ kl_coef * token_mean(kl(logp, ref_logp))  with use_kl_loss]
+    value:   L = token_mean(ppo_value_loss(V, old_V, returns; value_clip))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+
+def response_logits(model, b: dict, prompt_len: int, response_len: int):
+    """Model outputs at the columns that predict the response tokens: [b, R, ...]."""
+    out = model(b["sequences"], attention_mask=b["attention_mask"])
+    return out[:, prompt_len - 1:prompt_len + response_len - 1]
+
+
+def logprob_fn(*, prompt_len: int, response_len: int, temperature: float) -> Callable:
+    """``(model, rows) -> [b, R]`` log-probs of the response tokens at ``temperature`` (old / reference)."""
+    from jaxrlhf import losses
+
+    def fn(model, b):
+        logits = response_logits(model, b, prompt_len, response_len)
+        return losses.logprobs_from_logits(logits, b["sequences"][:, prompt_len:], temperature)
+
+    return fn
+
+
+def value_fn(*, prompt_len: int, response_len: int) -> Callable:
+    """``(critic, rows) -> [b, R]`` values at the columns that predict the response tokens."""
+    return lambda model, b: response_logits(model, b, prompt_len, response_len)
+
+
+def probe_fn(*, prompt_len: int, response_len: int) -> Callable:
+    """``(model, rows) -> (logp, best)`` [b, R] each: temperature-1 log-probs of the response tokens and the
+    largest log-prob per position (the sync check's trainer side, rollout/sync_check.py)."""
+    import jax
+    import jax.numpy as jnp
+
+    def fn(model, b):
+        logp_btv = jax.nn.log_softmax(response_logits(model, b, prompt_len, response_len).astype(jnp.float32), -1)
+        return jnp.take_along_axis(logp_btv, b["sequences"][:, prompt_len:, None], -1)[..., 0], logp_btv.max(-1)
+
+    return fn
+
+
+def policy_loss_fn(*, prompt_len: int, response_len: int, temperature: float, eps_clip_low: float,
+                   eps_clip_high: float, dual_clip: Optional[float], entropy_coef: float, use_kl_loss: bool,
+                   kl_estimator: str) -> Callable:
+    """The actor's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``old_logp``, ``advantages`` and, with
+    ``use_kl_loss``, ``ref_logp`` and ``kl_coef``."""
+    from jaxrlhf import losses
+
+    def fn(model, b):
+        logits = response_logits(model, b, prompt_len, response_len)
+        logp = losses.logprobs_from_logits(logits, b["sequences"][:, prompt_len:], temperature)
+        mask, n = b["action_mask"], b["num_tokens"]
+        pg_bt, clipped_bt = losses.ppo_policy_loss(logp, b["old_logp"], b["advantages"], eps_clip_low=eps_clip_low,
+                                                   eps_clip_high=eps_clip_high, dual_clip=dual_clip)
+        loss = losses.token_mean_over_batch(pg_bt, mask, n)
+        metrics = {"policy_loss": loss, "clip_frac": losses.token_mean_over_batch(clipped_bt, mask, n),
+                   "approx_kl": losses.token_mean_over_batch(b["old_logp"] - logp, mask, n)}
+        if entropy_coef:
+            ent = losses.token_mean_over_batch(losses.entropy_from_logits(logits, temperature), mask, n)
+            loss = loss - entropy_coef * ent
+            metrics["entropy"] = ent
+        if use_kl_loss:
+            kl = losses.token_mean_over_batch(losses.kl_estimate(logp, b["ref_logp"], kl_estimator), mask, n)
+            loss = loss + b["kl_coef"] * kl
+            metrics["kl_loss"] = kl
+        return loss, metrics
+
+    return fn
+
+
+def value_loss_fn(*, prompt_len: int, response_len: int, value_clip: Optional[float]) -> Callable:
+    """The critic's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``values`` (old) and ``returns``."""
+    from jaxrlhf import losses
+
+    def fn(model, b):
+        values = response_logits(model, b, prompt_len, response_len)
+        loss = losses.token_mean_over_batch(
+            losses.ppo_value_loss(values, b["values"], b["returns"], value_clip=value_clip), b["action_mask"],
+            b["num_tokens"])
+        return loss, {"value_loss": loss}
+
+    return fn
+
+
+@dataclass
+class PPOState:
+    """Everything a PPO run carries from step to step (and checkpoints).
+
+    actor / critic: parameter pytrees (critic None without one); *_opt: their optimizer states. step: PPO steps
+    done. kl_coef: the (adaptive) KL coefficient. reward_stats: running moments of ``--normalize_reward``.
+    """
+
+    actor: Any
+    actor_opt: Any
+    critic: Any = None
+    critic_opt: Any = None
+    step: int = 0
+    kl_coef: float = 0.0
+    reward_stats: dict = field(default_factory=lambda: {"count": 0.0, "mean": 0.0, "m2": 0.0})
+
+    def arrays(self) -> dict:
+        """The array pytree a checkpoint stores."""
+        out = {"actor": self.actor, "actor_opt": self.actor_opt}
+        if self.critic is not None:
+            out.update(critic=self.critic, critic_opt=self.critic_opt)
+        return out
+
+    def meta(self) -> dict:
+        """The JSON part a checkpoint stores."""
+        return {"step": self.step, "kl_coef": self.kl_coef, "reward_stats": dict(self.reward_stats)}
+
+    def restored(self, arrays: dict, meta: dict) -> "PPOState":
+        """This state with a checkpoint's ``arrays()`` / ``meta()`` put back."""
+        return replace(self, actor=arrays["actor"], actor_opt=arrays["actor_opt"], critic=arrays.get("critic"),
+                       critic_opt=arrays.get("critic_opt"), step=int(meta["step"]), kl_coef=float(meta["kl_coef"]),
+                       reward_stats=dict(meta["reward_stats"]))
+
+
+def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step: Callable | None,
+               train_batch_size: int, micro_batch: int, max_epochs: int, seed: int, use_kl_loss: bool
+               ) -> tuple[PPOState, dict[str, float]]:
+    """``max_epochs`` passes over ``exp`` (an ``Experience``) in shuffled ``train_batch_size`` batches, each one
+    optimizer update of the actor (``actor_step``; None while the actor is frozen) and of the critic (``critic_step``;
+    None without one), accumulated over ``micro_batch``-row micro-batches.
+
+    The order is seeded by ``(seed, state.step)``: a resumed run repeats it. Returns the new state (``step`` not
+    advanced: the loop does that) and the mean of each loss metric over the updates (``actor/...``, ``critic/...``).
+    """
+    from jaxrlhf.train.steps import stack_micro_batches
+
+    rng = np.random.default_rng([seed, state.step])
+    collected: dict[str, list] = {}
+    actor, actor_opt, critic, critic_opt = state.actor, state.actor_opt, state.critic, state.critic_opt
+    actor_keys = ("old_logp", "advantages") + (("ref_logp",) if use_kl_loss else ())
+    for _ in range(max_epochs):
+        order = rng.permutation(len(exp))
+        for a in range(0, len(exp), train_batch_size):
+            rows = order[a:a + train_batch_size]
+            if actor_step is not None:
+                b = exp.batch(rows, *actor_keys)
+                if use_kl_loss:
+                    b["kl_coef"] = np.float32(state.kl_coef)
+                actor, actor_opt, m = actor_step(actor, actor_opt, stack_micro_batches(b, micro_batch))
+                _collect(collected, m, "actor/")
+            if critic_step is not None:
+                b = exp.batch(rows, "values", "returns")
+                critic, critic_opt, m = critic_step(critic, critic_opt, stack_micro_batches(b, micro_batch))
+                _collect(collected, m, "critic/")
+    means = {k: float(np.mean([float(x) for x in v])) for k, v in collected.items()}
+    return replace(state, actor=actor, actor_opt=actor_opt, critic=critic, critic_opt=critic_opt), means
+
+
+def _collect(into: dict, metrics: dict, prefix: str) -> None:
+    for k, v in metrics.items():
+        into.setdefault(prefix + k, []).append(v)
