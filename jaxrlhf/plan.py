@@ -495,7 +495,9 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
     roles = [Role("actor", actor_cfg, "lm", main, trained=True, param_bytes=4, compute_bytes=c,
                   remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,
                   forward_rows=cfg.micro_rollout_batch_size, seq_len=T)]
-    if cfg.advantage_estimator == "gae":
+    from jaxrlhf.advantages import ESTIMATORS
+
+    if ESTIMATORS[cfg.advantage_estimator].critic:
         src = cfg.critic_pretrain or (cfg.reward_pretrain.split(",")[0] if cfg.reward_pretrain else cfg.pretrain)
         roles.append(Role("critic", ModelConfig.from_dir(src), "score", main, trained=True, param_bytes=4,
                           compute_bytes=c, remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,

@@ -26,7 +26,8 @@ def test_logits_match_transformers(family, tmp_path):
     ref = torch_logits(hf, ids, mask)
     for mesh in (None, make_mesh("4x2")):
         model = from_pretrained(str(tmp_path), mesh=mesh)
-        out = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+        # the documented call, Hugging Face's argument names (positions default to the mask's cumulative count)
+        out = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
         diff = np.abs(out - ref)[mask.astype(bool)].max()  # pad positions are undefined in both
         assert diff <= TOL, f"{family} mesh={mesh and dict(mesh.shape)}: max |dlogit| {diff:.2e} > {TOL}"
         if mesh is not None:

@@ -44,7 +44,17 @@ def worker_env(devices: int) -> dict:
 
 
 def run_processes(role: str, args_of: list[list[str]], *, devices: int = 4, timeout: float = 900) -> list[str]:
-    """Start one worker per argument list (``--process_id`` i of N), wait for all; their output, or fail with logs.
+    """Start one worker per argument list (``--process_id`` i of N), wait for all; their output, or fail with logs."""
+    codes, outs, timed_out = start_processes(role, args_of, devices=devices, timeout=timeout)
+    if timed_out or any(codes):
+        text = "\n".join(f"---- process {i} (exit {c}) ----\n{o[-6000:]}" for i, (c, o) in enumerate(zip(codes, outs)))
+        pytest.fail(f"{role} workers {'timed out after %ds' % timeout if timed_out else 'failed'}:\n{text}")
+    return outs
+
+
+def start_processes(role: str, args_of: list[list[str]], *, devices: int = 4, timeout: float = 900):
+    """``(exit codes, outputs, timed_out)`` of one worker per argument list; workers still running at the deadline
+    are killed.
 
     Output goes to files, not pipes: a worker blocked on a full pipe stops joining collectives and hangs the rest.
     """
@@ -70,11 +80,7 @@ def run_processes(role: str, args_of: list[list[str]], *, devices: int = 4, time
         log.seek(0)
         outs.append(log.read())
         log.close()
-    codes = [p.returncode for p in procs]
-    if timed_out or any(codes):
-        text = "\n".join(f"---- process {i} (exit {c}) ----\n{o[-6000:]}" for i, (c, o) in enumerate(zip(codes, outs)))
-        pytest.fail(f"{role} workers {'timed out after %ds' % timeout if timed_out else 'failed'}:\n{text}")
-    return outs
+    return [p.returncode for p in procs], outs, timed_out
 
 
 def results(outs: list[str]) -> list[dict]:
@@ -353,6 +359,28 @@ def runs(setup):
     run_ppo_two_processes(setup, two)
     run_ppo_one_process(one)
     return {"two": two, "one": one}
+
+
+def test_a_failure_on_process_0_stops_every_process(setup, tmp_path):
+    """Process 0 fails where it works for everyone (here: creating the checkpoint directory, --ckpt_path names a
+    file): both processes exit non-zero within the bound instead of process 1 waiting at a barrier forever."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    cfg = ppo_config(setup, "fail0", ckpt_path=str(blocker), max_steps=1)
+    path = tmp_path / "fail0.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    t0 = time.monotonic()
+    codes, outs, timed_out = start_processes("ppo", [
+        ["--config", str(path), "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+         "--process_id", str(i), "--save_path", cfg["save_path"] + f"-{i}"] for i in range(2)], timeout=240)
+    assert not timed_out, f"a process was still waiting after 240 s: {outs[1][-3000:]}"
+    assert all(c != 0 for c in codes), (codes, outs[1][-3000:])
+    assert "is a file: pass a directory as --ckpt_path" in outs[0], outs[0][-3000:]
+    assert "process 0 failed" in outs[1], outs[1][-3000:]
+    print(f"both processes stopped {time.monotonic() - t0:.0f} s after start (exit codes {codes})")
 
 
 @pytest.mark.slow

@@ -42,10 +42,11 @@ per data-parallel rank per micro-batch (dp = data x fsdp mesh axes), so a micro-
 gradient accumulation covers the rest. With ``--packing_samples`` a row is a packed row of ``--max_len`` tokens.
 An epoch is ``len(train) // train_batch_size`` steps (the tail is dropped); the order is reshuffled per epoch.
 
-Outputs: the HF model in ``--save_path`` (files written beside anything already there: OpenRLHF's default
-``--ckpt_path`` lives inside it), ``--save_path/logs/metrics.jsonl`` (+ TensorBoard/W&B), a PNG plot
-``--save_path/<name>_metrics.png``, and Orbax checkpoints in ``--ckpt_path`` (parameters, optimizer state and the
-data position: ``--load_checkpoint`` resumes exactly where the run stopped).
+Outputs: the HF model in ``--save_path``, written as a whole and swapped in atomically (converters/atomic.py: logs,
+checkpoints and anything else already there are carried over; OpenRLHF's default ``--ckpt_path`` lives inside it),
+``--save_path/logs/metrics.jsonl`` (+ TensorBoard/W&B; fresh for a new run, continued by a resumed one), a PNG plot
+``--save_path/<name>_metrics.png``, and Orbax checkpoints in ``--ckpt_path`` (parameters, optimizer state, the data
+position and the run's fingerprint: ``--load_checkpoint`` resumes exactly where the run stopped, train/run.py).
 """
 from __future__ import annotations
 
@@ -307,12 +308,10 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     import jax.numpy as jnp
     from flax import nnx
 
-    from converters.hf import export_hf
     from jaxrlhf.data.loader import BatchIterator
-    from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
-    from jaxrlhf.train.metrics import plot_metrics
+    from jaxrlhf.train.checkpoint import Checkpointer
     from jaxrlhf.train.optim import make_optimizer
-    from jaxrlhf.train.run import open_logger, prepare_outputs, resume_step, stop_if_not_finite, total_steps_of
+    from jaxrlhf.train.run import open_logger, prepare_outputs, stop_if_not_finite, total_steps_of
     from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, stack_micro_batches
 
     dp = data_parallel_size(mesh)
@@ -341,17 +340,11 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
         prepare_outputs(cfg.save_path)
         ckpt = run.enter_context(Checkpointer(cfg.ckpt_path, max_to_keep=cfg.max_ckpt_num))
         fingerprint = run_fingerprint(cfg, name, train_data)
-        start_step = resume_step(ckpt, ckpt_path=cfg.ckpt_path, load_checkpoint=cfg.load_checkpoint,
-                                 fingerprint=fingerprint, allow_config_change=cfg.allow_config_change)
-        if start_step is not None:
-            state, meta = ckpt.restore(start_step, abstract_like({"params": params, "opt": opt_state}))
-            params, opt_state = state["params"], state["opt"]
-            batches.load_state(meta["data"])
-            print(f"[ckpt] resumed from step {start_step} of {cfg.ckpt_path}", file=sys.stderr)
-        resumed, start_step = start_step is not None, start_step or 0
+        resumed, (params, opt_state) = _resume(cfg, ckpt, fingerprint, batches, (params, opt_state))
+        start_step = resumed or 0
         log_dir = os.path.join(cfg.save_path, "logs")
         logger = run.enter_context(open_logger(cfg, log_dir, total_steps=total_steps, progress_keys=progress_keys,
-                                               resumed=resumed))
+                                               resumed=resumed is not None))
 
         def next_batch():
             """(data position before this batch, the prepared global batch); built while the device works."""
@@ -384,19 +377,46 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
                           {"step": done, "data": pending[0] if pending is not None else batches.state(),
                            "fingerprint": fingerprint})
 
-    # ---------------------------------------------------------------- outputs (also when resumed at the last step)
     out = {"metrics": metrics, "eval": eval_metrics, "log": os.path.join(log_dir, "metrics.jsonl"),
            "steps": total_steps, "params": params}
-    # Every process: extra_config may run jitted forwards on the mesh and the export gathers each sharded tensor
-    # (collectives); only process 0 writes files.
+    return {**out, **_export(cfg, params, model_cfg, head=head, extra_config=extra_config,
+                             plot=(out["log"], f"{name}_metrics.png", plot_keys))}
+
+
+def _export(cfg: SupervisedConfig, params, model_cfg, *, head: str, extra_config, plot: tuple) -> dict:
+    """The final HF model in ``--save_path`` (also when resumed at the last step) and the plot.
+
+    Every process: ``extra_config`` may run jitted forwards on the mesh and the export gathers each sharded tensor
+    (collectives); only process 0 writes files (and gets ``{"save_path", "plot"}`` back)."""
+    import jax
+
+    from converters.hf import export_hf
+    from jaxrlhf.train.metrics import plot_metrics
+
     extra = extra_config(params) if extra_config is not None else None
     saved = export_hf(params, model_cfg, cfg.save_path, head=head, aux_from=cfg.pretrain, extra_config=extra,
                       overwrite=True)
-    if jax.process_index() == 0:
-        out["save_path"] = saved
-        out["plot"] = os.path.join(cfg.save_path, f"{name}_metrics.png")
-        plot_metrics(out["log"], list(plot_keys), out["plot"])
-    return out
+    if jax.process_index() != 0:
+        return {}
+    log, png, keys = plot
+    plot_metrics(log, list(keys), os.path.join(cfg.save_path, png))
+    return {"save_path": saved, "plot": os.path.join(cfg.save_path, png)}
+
+
+def _resume(cfg: SupervisedConfig, ckpt, fingerprint: dict, batches, state: tuple):
+    """``(resumed step or None, (params, opt_state))``: restored from ``--ckpt_path`` when resuming (train/run.py
+    refuses another trainer's or another run's checkpoints); ``batches`` moved to the saved data position."""
+    from jaxrlhf.train.checkpoint import abstract_like
+    from jaxrlhf.train.run import resume_step
+
+    step = resume_step(ckpt, ckpt_path=cfg.ckpt_path, load_checkpoint=cfg.load_checkpoint, fingerprint=fingerprint,
+                       allow_config_change=cfg.allow_config_change)
+    if step is None:
+        return None, state
+    restored, meta = ckpt.restore(step, abstract_like({"params": state[0], "opt": state[1]}))
+    batches.load_state(meta["data"])
+    print(f"[ckpt] resumed from step {step} of {cfg.ckpt_path}", file=sys.stderr)
+    return step, (restored["params"], restored["opt"])
 
 
 def run_fingerprint(cfg: SupervisedConfig, name: str, train_data: BatchSource) -> dict:
