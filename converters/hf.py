@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import jax
@@ -20,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from converters.atomic import replace_dir
 from converters.safetensors_io import INDEX_NAME, SafetensorsDir, parse_size, plan_shards, write_file
 from converters.tables import ARCH_NAMES, IGNORED_HF, hf_name, table_for
 from jaxrlhf.models.config import ModelConfig
@@ -161,33 +161,6 @@ def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True)
             yield name, (out.astype(dtype) if dtype is not None else out)
 
 
-@contextmanager
-def atomic_output_dir(dst: str, *, overwrite: bool = False):
-    """Yield a temporary sibling directory that becomes ``dst`` only if the block finishes.
-
-    An interrupted or failed write leaves nothing at ``dst`` (only a ``*.partial-PID`` directory on a hard kill,
-    which no loader mistakes for a checkpoint).
-    """
-    dst = os.path.abspath(dst.rstrip("/"))
-    if os.path.exists(dst) and not overwrite:
-        raise FileExistsError(f"{dst} already exists: choose a new path or pass --overwrite")
-    tmp = f"{dst}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(dst):
-        old = f"{dst}.old-{os.getpid()}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)
-
-
 def copy_aux_files(src: str | None, dst: str) -> None:
     """Copy tokenizer and generation-config files from ``src`` (an HF or converted directory)."""
     if not src:
@@ -214,40 +187,67 @@ def hf_config_for_export(cfg: ModelConfig, *, head: str, dtype, extra: dict | No
 
 def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None, max_shard_size="5GB",
               aux_from: str | None = None, extra_config: dict | None = None, overwrite: bool = False,
-              progress: bool = False) -> str:
-    """Write ``params`` as an HF directory (sharded safetensors + index, config, generation config, tokenizer)."""
+              progress: bool = False) -> str | None:
+    """Write ``params`` as an HF directory (sharded safetensors + index, config, generation config, tokenizer) that
+    replaces ``dst`` as a whole (converters/atomic.py: what else ``dst`` holds, e.g. a trainer's logs, is kept).
+
+    Call it on every process: a tensor sharded across hosts is gathered one at a time, a collective every process
+    joins in the same order. Process 0 writes and returns ``dst``; the others return None. A failure on process 0
+    (a refused path, a full disk) is raised there, and as a RuntimeError on the others once every gather has run.
+    """
+    from sharding.distributed import agree
+
     entries = _hf_entries(params, cfg)
     specs = [(name, np.dtype(dtype or arr.dtype), tuple(reversed(arr.shape)) if t else tuple(arr.shape))
              for name, t, arr in entries]
-    out_dtype = specs[0][1]
-    shards = plan_shards(specs, parse_size(max_shard_size))
-    by_name = {name: (t, arr) for name, t, arr in entries}
+    gathered: set[str] = set()
 
     def produce(name: str) -> np.ndarray:
+        gathered.add(name)
         transpose, arr = by_name[name]
         return _to_host_hf(arr, transpose, dtype)
 
+    by_name = {name: (t, arr) for name, t, arr in entries}
+    error = None
+    if jax.process_index() == 0:
+        try:
+            _write_hf_dir(dst, specs, produce, parse_size(max_shard_size), overwrite=overwrite, progress=progress,
+                          aux_from=aux_from, config=hf_config_for_export(cfg, head=head, dtype=specs[0][1],
+                                                                          extra=extra_config),
+                          generation={k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                                      if getattr(cfg, k) is not None})
+        except Exception as e:  # noqa: BLE001 - raised by agree() below, once the other processes are released
+            error = e
+    if jax.process_count() > 1:
+        for name, _, _ in entries:  # the gathers a failed (or, off process 0, absent) write did not run
+            if name not in gathered:
+                produce(name)
+    agree(error)
+    return dst if jax.process_index() == 0 else None
+
+
+def _write_hf_dir(dst: str, specs: list, produce, max_shard_bytes: int, *, overwrite: bool, progress: bool,
+                  aux_from: str | None, config: dict, generation: dict) -> None:
+    shards = plan_shards(specs, max_shard_bytes)
     total = sum(int(np.prod(s[2], dtype=np.int64)) * s[1].itemsize for s in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr)
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    with tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr) as bar, \
+            replace_dir(dst, overwrite=overwrite) as tmp:
         weight_map = {}
         for k, shard in enumerate(shards):
             fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
             write_file(os.path.join(tmp, fname), shard, produce, on_tensor=bar.update)
             weight_map.update({s[0]: fname for s in shard})
         if len(shards) > 1:
-            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            _write_json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
         copy_aux_files(aux_from, tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config_for_export(cfg, head=head, dtype=out_dtype, extra=extra_config), f, indent=2)
+        _write_json(os.path.join(tmp, "config.json"), config)
         if not os.path.exists(os.path.join(tmp, "generation_config.json")):
-            gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(cfg, k) is not None}
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump(gen, f, indent=2)
-    bar.close()
-    return dst
+            _write_json(os.path.join(tmp, "generation_config.json"), generation)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 # ---------------------------------------------------------------- converted (Flax / Orbax) checkpoints
@@ -256,7 +256,7 @@ def save_flax(params: dict, cfg: ModelConfig, dst: str, *, head: str, aux_from: 
     """A converted checkpoint: Orbax params (sharded as they are) + the HF config and tokenizer files."""
     import orbax.checkpoint as ocp
 
-    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+    with replace_dir(dst, overwrite=overwrite) as tmp:
         # Small OCDBT data files: with Orbax's default 2 GiB target the whole compressed checkpoint is buffered in
         # host memory (scripts/bench_convert.py measured +1.3 GiB at 1.1B params, +3 GiB at 2.6B).
         ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
@@ -266,8 +266,7 @@ def save_flax(params: dict, cfg: ModelConfig, dst: str, *, head: str, aux_from: 
         hf = dict(cfg.hf_config)
         dt = jax.tree_util.tree_leaves(params)[0].dtype
         hf["jaxrlhf"] = {"head": head, "format": 1, "dtype": str(dt)}
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
+        _write_json(os.path.join(tmp, "config.json"), hf)
     return dst
 
 

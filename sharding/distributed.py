@@ -348,3 +348,16 @@ def from_process0(compute, like):
     if not int(ok):
         raise RuntimeError("process 0 failed in a step it runs for every process (see its log for the error)")
     return jax.tree_util.tree_map(np.asarray, value)
+
+
+def agree(error: BaseException | None) -> None:
+    """After a step process 0 ran alone while the others waited: raise ``error`` there and a RuntimeError on the
+    others, or return everywhere (one broadcast)."""
+    import numpy as np
+
+    def status():
+        if error is not None:
+            raise error
+        return np.int32(0)
+
+    from_process0(status, ((), np.int32))

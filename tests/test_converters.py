@@ -26,7 +26,8 @@ def all_tensors(path):
 
 def assert_nothing_written(dst):
     assert not os.path.exists(dst), f"{dst} was left behind"
-    assert not glob.glob(f"{dst}.partial-*"), "a partial directory was left behind"
+    parent, name = os.path.split(dst)
+    assert not glob.glob(os.path.join(parent, f".{name}.*")), "a partial directory was left behind"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -58,18 +58,6 @@ def pad_rows(prompt_rows: list[list[int]], completions: list[Completion], *, pad
     return np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1), logp
 
 
-def agree(error: BaseException | None) -> None:
-    """After a step process 0 ran alone: raise ``error`` there and a RuntimeError on the others (one broadcast)."""
-    from sharding.distributed import from_process0
-
-    def status() -> np.int32:
-        if error is not None:
-            raise error
-        return np.int32(0)
-
-    from_process0(status, ((), np.int32))
-
-
 class RolloutClient:
     """The loop's view of an engine (module docstring).
 
@@ -115,6 +103,7 @@ class RolloutClient:
     def sync(self, params: Any) -> dict:
         """Send ``params`` to the engine; with ``sync_check`` probe the engines after it. Returns metrics."""
         from converters.hf import hf_tensors
+        from sharding.distributed import agree
 
         self.num_syncs += 1
         named = hf_tensors(params, self.model_cfg, host=self.weights_on_host)
