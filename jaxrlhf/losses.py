@@ -15,6 +15,7 @@ Semantics follow OpenRLHF (``openrlhf/models/loss.py``, ``openrlhf/models/utils.
 - ``token_mean_over_batch`` / ``sequence_mean_over_batch`` == ``aggregate_loss`` with the global batch
   totals (``batch_num_tokens`` / ``global_batch_size``); no ``dp_size`` factor is needed here because a JAX
   step sums over the whole (sharded) global batch instead of averaging per-rank gradients.
+- ``logprobs_from_hidden``   == ``logprobs_from_logits`` / ``entropy_from_logits`` of ``h @ w``, in chunks.
 - ``sequence_logprobs``      == the DPO/KTO trainers' ``_get_batch_logps`` (sum and mean over the response).
 - ``dpo_loss``               == ``DPOLoss`` (per pair, not averaged).
 - ``kto_loss``               == ``KTOLoss`` (uneven sampling; per sample, not averaged).
@@ -141,6 +142,44 @@ def logprobs_from_logits(logits_btv: Array, labels_bt: Array, temperature: Array
     lse = jax.nn.logsumexp(z, axis=-1)
     picked = jnp.take_along_axis(z, labels_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - lse
+
+
+def logprobs_from_hidden(h_btd: Array, w_dv: Array, labels_bt: Array, temperature: ArrayLike = 1.0, *,
+                         chunk: int = 128, with_entropy: bool = False) -> Tuple[Array, Optional[Array]]:
+    """``logprobs_from_logits`` (and ``entropy_from_logits``) of ``logits = h @ w`` without ever building the
+    [B, T, V] logits: the head and the log-softmax run over ``chunk`` positions at a time,
+
+        for each chunk c of positions:  z_bcv = float32(h_bcd @ w_dv) / temperature
+                                        logp_bc = z[labels] - logsumexp_v z,   H_bc = logsumexp_v z - sum_v p z
+
+    and each chunk is recomputed in the backward pass (``jax.checkpoint``), so the peak memory of the loss is
+    O(B x chunk x V) in both passes instead of O(B x T x V). The matmul is the decoder's (``Decoder.logits``:
+    operands in ``h``'s dtype, fp32 accumulation): values and gradients equal the unchunked path's up to fp32
+    summation order. Returns ``(logp_bt, entropy_bt or None)``, float32 [B, T].
+    """
+    B, T = labels_bt.shape
+    c = max(1, min(int(chunk), T))
+    n = -(-T // c)
+    pad = n * c - T
+    h = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(B, n, c, -1).swapaxes(0, 1)  # [n, B, c, D]
+    labels = jnp.pad(labels_bt.astype(jnp.int32), ((0, 0), (0, pad))).reshape(B, n, c).swapaxes(0, 1)
+    w = w_dv.astype(h_btd.dtype)
+
+    @jax.checkpoint
+    def one(args):
+        h_bcd, labels_bc = args
+        z = jnp.einsum("bcd,dv->bcv", h_bcd, w, preferred_element_type=jnp.float32) / temperature
+        lse = jax.nn.logsumexp(z, axis=-1)
+        logp = jnp.take_along_axis(z, labels_bc[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1) if with_entropy else jnp.zeros_like(lse)
+        return logp, ent
+
+    logp, ent = jax.lax.map(one, (h, labels))
+
+    def unchunk(x_nbc):
+        return x_nbc.swapaxes(0, 1).reshape(B, n * c)[:, :T]
+
+    return unchunk(logp), (unchunk(ent) if with_entropy else None)
 
 
 def next_token_nll(logits_btv: Array, input_ids_bt: Array, loss_mask_bt: Array, num_tokens_total: ArrayLike) -> Array:

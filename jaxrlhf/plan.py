@@ -25,8 +25,9 @@ rank (``--micro_train_batch_size`` / ``--micro_rollout_batch_size``); ``T`` toke
                (fp32 attention scores and compute-dtype probabilities, materialised by this decoder);
                update: ``L * b*T * (a*c + s)``, or with ``--gradient_checkpointing`` ``L * b*T * D*c + b*T * (a*c + s)``
                (every layer's input kept, one layer recomputed at a time); forward: ``b*T * (a*c + s)``;
-               LM heads add fp32 logits ``b*T * V/t * 4`` times 3 in an update (logits, log-softmax, gradient) and
-               2 in a forward; score heads ``b*T * 4``.
+               LM heads add fp32 logits ``b*T' * V/t * 4`` times 3 in an update (logits, log-softmax, gradient) and
+               2 in a forward, ``T' = T`` (SFT, DPO, ...) or, in PPO, ``--logits_chunk_size`` response positions
+               (the head runs chunk by chunk, train/ppo_step.py); score heads ``b*T * 4``.
 - JAX sampler  (``--vllm_num_engines 0``) its own copy of the actor (``N * 4``, made by the first weight sync), and
                while generating the KV cache ``L * 2 * rows * T * K' * E * 4`` (``rows`` = prompts x samples / dp,
                ``K' = K/t`` when t divides K) plus the prefill's logits and scores
@@ -172,6 +173,7 @@ class Role:
     forward_rows: int = 0  # b of an experience forward
     seq_len: int = 0  # T
     mesh_flag: str = "--mesh"
+    logit_positions: int = 0  # positions whose fp32 logits exist at once (0: all T; PPO: one chunk of the response)
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ class RoleMemory:
 
 
 def _activations(m: ModelConfig, t: int, rows: int, seq: int, c: int, head: str, *, train: bool,
-                 remat: bool) -> int:
+                 remat: bool, logit_positions: int = 0) -> int:
     D, F, H, K, E, V, L = (m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim,
                            m.vocab_size, m.num_layers)
     a = 4 * D + (2 * H * E + 2 * K * E) // t + 4 * F // t  # elements per layer and token
@@ -204,7 +206,7 @@ def _activations(m: ModelConfig, t: int, rows: int, seq: int, c: int, head: str,
         layers = L * tokens * D * c + tokens * (a * c + s)
     else:
         layers = L * tokens * (a * c + s)
-    logits = tokens * (V // t) * 4 * (3 if train else 2) if head == "lm" else tokens * 4
+    logits = rows * (logit_positions or seq) * (V // t) * 4 * (3 if train else 2) if head == "lm" else tokens * 4
     return layers + logits
 
 
@@ -220,8 +222,10 @@ def role_memory(role: Role) -> RoleMemory:
         work_train=(cast + gathered + st.layer // t * 4) if role.trained else 0,
         work_forward=cast + gathered,
         act_train=_activations(role.model, t, role.train_rows, role.seq_len, c, role.head, train=True,
+                               logit_positions=role.logit_positions,
                                remat=role.remat) if role.trained else 0,
         act_forward=_activations(role.model, t, role.forward_rows, role.seq_len, c, role.head, train=False,
+                                 logit_positions=role.logit_positions,
                                  remat=False) if role.forward_rows else 0,
     )
 
@@ -492,9 +496,10 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
             lines += _host_lines(place[name].spec, processes, f"--{name}_mesh")
 
     actor_cfg = ModelConfig.from_dir(cfg.pretrain)
+    chunk = min(cfg.logits_chunk_size, cfg.generate_max_len)  # train/ppo_step.py: the head runs chunk by chunk
     roles = [Role("actor", actor_cfg, "lm", main, trained=True, param_bytes=4, compute_bytes=c,
                   remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,
-                  forward_rows=cfg.micro_rollout_batch_size, seq_len=T)]
+                  forward_rows=cfg.micro_rollout_batch_size, seq_len=T, logit_positions=chunk)]
     from jaxrlhf.advantages import ESTIMATORS
 
     if ESTIMATORS[cfg.advantage_estimator].critic:
@@ -506,7 +511,7 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
         p = place.get("ref", place["main"])
         roles.append(Role("ref", actor_cfg, "lm", p.spec, p.first, param_bytes=c, compute_bytes=c,
                           offload=cfg.ref_offload, forward_rows=cfg.micro_rollout_batch_size, seq_len=T,
-                          mesh_flag="--ref_mesh" if "ref" in place else "--mesh"))
+                          mesh_flag="--ref_mesh" if "ref" in place else "--mesh", logit_positions=chunk))
     for i, path in enumerate(cfg.reward_pretrain.split(",") if cfg.reward_pretrain else []):
         p = place.get("reward", place["main"])
         stored = _stored_bytes(path)

@@ -72,6 +72,8 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
     reward_clip_range: tuple[float, ...] = arg((-10.0, 10.0), "clip the scalar reward")
     normalize_reward: bool = arg(False, "normalise rewards (RM config mean/std, else running statistics)")
     no_advantage_std_norm: bool = arg(False, "do not divide advantages by their std")
+    logits_chunk_size: int = arg(128, "response positions per chunk of the LM head and log-softmax (the loss's "
+                                 "peak memory ~ micro-batch x chunk x vocab x 4 bytes)")
     # ---- outputs and role placement (sharding/placement.py: default everything on --mesh)
     ckpt_path: str = arg("./ckpt/checkpoints_ppo", "training checkpoints")
     demo_dir: str = arg(".cache/jaxrlhf-demo", "where the built-in demo caches its tokenizer, data and SFT model")
@@ -84,7 +86,7 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
         super().__post_init__()
         check_rollout_flags(self)
         at_least_one(self, "rollout_batch_size", "n_samples_per_prompt", "micro_rollout_batch_size", "num_episodes",
-                     "prompt_max_len", "generate_max_len", "kl_horizon")
+                     "prompt_max_len", "generate_max_len", "kl_horizon", "logits_chunk_size")
         if self.eps_clip_low_high is not None and len(self.eps_clip_low_high) != 2:
             raise ValueError(f"--eps_clip_low_high takes two numbers (low,high), got {self.eps_clip_low_high}")
         if len(self.reward_clip_range) != 2:
@@ -139,7 +141,7 @@ def main(cfg: PPOConfig) -> dict:
 
         check_fits(plan_ppo(cfg, processes=launch.num_processes), PPO_KNOBS)
     from converters.hf import export_hf
-    from jaxrlhf.ppo_setup import adapt_kl, build, make_experience_step, sampling_params
+    from jaxrlhf.ppo_setup import adapt_kl, build, make_experience_step, sampling_params, throughput
     from jaxrlhf.train.experience import experience_metrics
     from jaxrlhf.train.metrics import PhaseTimer, plot_metrics
     from jaxrlhf.train.ppo_step import ppo_update
@@ -157,18 +159,19 @@ def main(cfg: PPOConfig) -> dict:
         for step in range(state.step, p.total_steps):
             t_step = time.perf_counter()
             timer.reset()
-            prompts, prompt_ids, labels = p.data.batch(p.batches.next_batch())
+            with timer("data"):
+                prompts, prompt_ids, labels = p.data.batch(p.batches.next_batch())
             with timer("generate"):
                 rollout = p.client.generate(prompt_ids, sampling_params(cfg, step))
             with timer("experience"):
-                exp, reward_stats = make_experience_step(cfg, p, state, rollout, prompts, labels)
+                exp, reward_stats = make_experience_step(cfg, p, state, rollout, prompts, labels, timer)
                 state = dataclasses.replace(state, reward_stats=reward_stats)
             train_actor = step >= cfg.freezing_actor_steps
             with timer("train"):
                 state, train_metrics = ppo_update(
                     state, exp, actor_step=p.actor_step if train_actor else None, critic_step=p.critic_step,
                     train_batch_size=cfg.train_batch_size, micro_batch=cfg.micro_train_batch_size * p.dp,
-                    max_epochs=cfg.max_epochs, seed=cfg.seed, use_kl_loss=cfg.use_kl_loss)
+                    max_epochs=cfg.max_epochs, seed=cfg.seed, use_kl_loss=cfg.use_kl_loss, timer=timer)
             if train_actor:
                 with timer("sync"):
                     pending.update(p.client.sync(state.actor))
@@ -178,16 +181,17 @@ def main(cfg: PPOConfig) -> dict:
             logged = experience_metrics(exp)
             state = dataclasses.replace(state, step=step + 1, kl_coef=adapt_kl(cfg, state.kl_coef, logged["kl"],
                                                                                 len(exp)))
+            with timer("save"):
+                if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or state.step == p.total_steps:
+                    p.ckpt.save(state.step, state.arrays(), {**state.meta(), "data": p.batches.state(),
+                                                             "seed": cfg.seed, "fingerprint": p.fingerprint})
             metrics = {**logged, "kl_coef": state.kl_coef, "actor_lr": float(p.actor_lr(step * p.updates_per_step)),
-                       "step_time": time.perf_counter() - t_step, "generate_tokens_per_s": float(
-                           exp.action_mask.sum()) / max(timer.seconds.get("generate", 1e-9), 1e-9),
-                       **train_metrics, **timer.metrics(), **pending}
+                       "step_time": time.perf_counter() - t_step, **train_metrics, **timer.metrics(),
+                       **throughput(exp, timer.seconds, epochs=cfg.max_epochs, train_actor=train_actor),
+                       "compile/count": p.compile_count(), **pending}
             pending = {}
             if state.step % cfg.logging_steps == 0 or state.step == p.total_steps:
                 p.logger.log(state.step, metrics)
-            if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or state.step == p.total_steps:
-                p.ckpt.save(state.step, state.arrays(), {**state.meta(), "data": p.batches.state(), "seed": cfg.seed,
-                                                         "fingerprint": p.fingerprint})
 
     # ---------------------------------------------------------------- outputs (also when resumed at the last step)
     import jax

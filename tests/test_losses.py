@@ -118,6 +118,43 @@ def test_entropy_from_logits(seed, temperature):
     close(L.entropy_from_logits(logits, temperature), ref)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_logprobs_from_hidden_in_chunks(chunk):
+    """Chunked head + log-softmax == a float64 NumPy loop over the full logits (values), and == the unchunked
+    path (logprobs/entropy_from_logits of h @ w) in value and in gradient w.r.t. h and w, fp32 summation order
+    only (1e-5). T=7 is not a multiple of 3 (a padded last chunk); 64 > T is one chunk."""
+    rng = np.random.default_rng(0)
+    B, T, D, V, temperature = 2, 7, 6, 11, 0.8
+    h = rng.normal(size=(B, T, D)).astype(np.float32)
+    w = rng.normal(size=(D, V)).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T))
+    weights = rng.normal(size=(2, B, T)).astype(np.float32)
+    z = (h.astype(np.float64) @ w.astype(np.float64)) / temperature
+    ref_lp, ref_ent = np.zeros((B, T)), np.zeros((B, T))
+    for b in range(B):
+        for t in range(T):
+            lp = np_log_softmax(z[b, t])
+            ref_lp[b, t] = lp[labels[b, t]]
+            ref_ent[b, t] = -sum(math.exp(v) * v for v in lp)
+
+    def chunked(h, w):
+        lp, ent = L.logprobs_from_hidden(h, w, labels, temperature, chunk=chunk, with_entropy=True)
+        return (lp * weights[0]).sum() + (ent * weights[1]).sum(), (lp, ent)
+
+    def full(h, w):
+        logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        lp, ent = L.logprobs_from_logits(logits, labels, temperature), L.entropy_from_logits(logits, temperature)
+        return (lp * weights[0]).sum() + (ent * weights[1]).sum(), (lp, ent)
+
+    (_, (lp, ent)), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(h, w)
+    (_, _), want = jax.jit(jax.value_and_grad(full, argnums=(0, 1), has_aux=True))(h, w)
+    close(lp, ref_lp)
+    close(ent, ref_ent)
+    for g, r in zip(grads, want):
+        close(g, r)
+    assert L.logprobs_from_hidden(h, w, labels, temperature, chunk=chunk)[1] is None
+
+
 # ------------------------------------------------------------------------------------------------ KL
 
 

@@ -13,6 +13,7 @@ from tests.cli_runner import run_cli_with
 from tests.tiny import save_tiny
 
 LOSS_KEYS = ("reward", "actor/loss", "critic/loss", "kl", "response_length")
+TOP_PHASES = ("data", "generate", "experience", "train", "sync", "save")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,12 @@ def test_mesh_shapes_give_the_same_losses(setup):
         out = main(make_cfg(setup, f"mesh{mesh}", mesh=mesh))
         runs[mesh] = read_log(out["log"])
     assert len(runs["4x2"]) == 2
+    for rec in runs["4x2"]:  # the phases, each waited for, account for the step's time
+        phases = sum(rec[f"time/{k}"] for k in TOP_PHASES if f"time/{k}" in rec)
+        assert abs(phases - rec["step_time"]) <= 0.05 * rec["step_time"], (phases, rec)
+        assert rec["time/update_actor"] + rec["time/update_critic"] <= rec["time/train"]
+        assert rec["time/experience_forward"] + rec["time/reward"] <= rec["time/experience"]
+        assert rec["compile/count"] >= 4 and rec["train_tokens_per_s"] > 0
     for mesh in ("8x1", "1x8"):
         for a, b in zip(runs["4x2"], runs[mesh]):
             for k in LOSS_KEYS:
@@ -74,7 +81,7 @@ def test_resume_equals_uninterrupted(setup):
     resumed = read_log(out["log"])
     assert [r["step"] for r in resumed] == [3]
     for k in ref[-1]:
-        if k.startswith("time/") or k in ("time", "step_time", "generate_tokens_per_s"):
+        if k.startswith(("time/", "compile/")) or k.endswith("_tokens_per_s") or k in ("time", "step_time"):
             continue
         assert resumed[0][k] == ref[-1][k], (k, resumed[0][k], ref[-1][k])
 

@@ -76,10 +76,10 @@ def test_ppo_update_losses_match_numpy_on_transformers_outputs(tiny):
     exp = hand_made_experience()
     eps, vclip = 0.2, 0.5
     actor_step, actor, actor_opt = trainer(root / "lm", ppo_step.policy_loss_fn(
-        prompt_len=P, response_len=R, temperature=1.0, eps_clip_low=eps, eps_clip_high=eps, dual_clip=None,
+        temperature=1.0, eps_clip_low=eps, eps_clip_high=eps, dual_clip=None,
         entropy_coef=0.0, use_kl_loss=False, kl_estimator="k1"), head="lm", mesh=mesh)
     critic_step, crit, critic_opt = trainer(root / "critic", ppo_step.value_loss_fn(
-        prompt_len=P, response_len=R, value_clip=vclip), head="score", mesh=mesh)
+        value_clip=vclip), head="score", mesh=mesh)
     state = ppo_step.PPOState(actor=actor, actor_opt=actor_opt, critic=crit, critic_opt=critic_opt)
     before = jax.tree_util.tree_map(np.asarray, actor)  # the step donates the device buffers
     new, metrics = ppo_step.ppo_update(state, exp, actor_step=actor_step, critic_step=critic_step,
@@ -105,9 +105,8 @@ def test_ppo_update_split_and_frozen_actor(tiny):
     root, _, _ = tiny
     mesh = make_mesh("4x2")
     exp = hand_made_experience(1, B=16)
-    loss = ppo_step.policy_loss_fn(prompt_len=P, response_len=R, temperature=0.7, eps_clip_low=0.2,
-                                   eps_clip_high=0.28, dual_clip=3.0, entropy_coef=0.01, use_kl_loss=True,
-                                   kl_estimator="k3")
+    loss = ppo_step.policy_loss_fn(temperature=0.7, eps_clip_low=0.2, eps_clip_high=0.28, dual_clip=3.0,
+                                   entropy_coef=0.01, use_kl_loss=True, kl_estimator="k3", chunk=3)
     results = []
     for micro in (8, 4):
         step, params, opt = trainer(root / "lm", loss, head="lm", mesh=mesh)

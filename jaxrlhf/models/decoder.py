@@ -219,13 +219,20 @@ class Decoder(nnx.Module):
             new_cache = {"k": new_k, "v": new_v, "mask": kv_mask, "index": cache["index"] + T}
         return x, new_cache
 
+    def head_weight(self):
+        """The LM head's ``[D, V]`` matrix (the embedding's transpose with tied embeddings)."""
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...]
+        return self.model.embed_tokens.embedding[...].T
+
     def logits(self, h_btd):
         """Vocabulary logits ``[B, T, V]`` in fp32 from hidden states."""
-        if self.lm_head is not None:
-            w = self.lm_head.kernel[...]
-        else:
-            w = self.model.embed_tokens.embedding[...].T
+        w = self.head_weight()
         return jnp.einsum("btd,dv->btv", h_btd, w.astype(h_btd.dtype), preferred_element_type=jnp.float32)
+
+    def scores(self, h_btd):
+        """Per-token scalar scores ``[B, T]`` in fp32 from hidden states (head "score")."""
+        return (h_btd @ self.score.kernel[...].astype(h_btd.dtype))[..., 0].astype(jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Logits ``[B, T, V]`` (head "lm") or per-token scores ``[B, T]`` (head "score"), fp32.
@@ -235,9 +242,7 @@ class Decoder(nnx.Module):
         works), ``segment_ids`` ``[B, T]`` for packed rows (several samples per row), see ``hidden_states``.
         """
         h, _ = self.hidden_states(input_ids, attention_mask, positions, segment_ids_bt=segment_ids)
-        if self.head == "score":
-            return (h @ self.score.kernel[...].astype(h.dtype))[..., 0].astype(jnp.float32)
-        return self.logits(h)
+        return self.scores(h) if self.head == "score" else self.logits(h)
 
     def decode(self, input_ids_bt, attention_mask_bt, positions_bt, cache: Cache):
         """Cached forward: write the T new tokens into ``cache`` and return (logits ``[B, T, V]``, new cache)."""

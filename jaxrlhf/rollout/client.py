@@ -66,7 +66,7 @@ class RolloutClient:
     num_engines: engines behind ``engine`` that ``check`` probes (0: no probe, e.g. the JAX sampler).
     model_cfg: the policy's ``ModelConfig`` (names and layout of the synced tensors).
     weights_on_host: gather each tensor to host NumPy for the sync (the pool), else keep device arrays.
-    probe_forward: jitted ``(params, {"sequences", "attention_mask"}) -> (logp [n, R], best logp [n, R])``
+    probe_forward: jitted ``(params, {"sequences", "attention_mask", "action_mask"}) -> (logp, best logp)``, [n, R]
         (temperature 1), run in chunks of ``chunk`` rows; ``probe_prompts``: token lists of the probe prompts.
     """
 
@@ -99,6 +99,10 @@ class RolloutClient:
         else:
             rows = self._rows(prompt_ids, lambda: self.engine.generate(prompt_ids, sampling), n_rows)
         return Rollout(*rows, prompt_len=self.prompt_len)
+
+    def compile_count(self) -> int:
+        """Programs the engine compiled in this process (the JAX sampler: one per batch shape and settings)."""
+        return getattr(self.engine, "num_programs", 0)
 
     def sync(self, params: Any) -> dict:
         """Send ``params`` to the engine; with ``sync_check`` probe the engines after it. Returns metrics."""
@@ -140,12 +144,14 @@ class RolloutClient:
 
         seqs, attn, engine_logp = self._rows(prompts, completions, n_rows)
         pad = -n_rows % self.chunk
-        batch = {"sequences": np.concatenate([seqs, seqs[:1].repeat(pad, 0)]),
-                 "attention_mask": np.concatenate([attn, attn[:1].repeat(pad, 0)])}
+        attn = np.concatenate([attn, attn[:1].repeat(pad, 0)])
+        batch = {"sequences": np.concatenate([seqs, seqs[:1].repeat(pad, 0)]), "attention_mask": attn,
+                 "action_mask": attn[:, self.prompt_len:].astype(np.float32)}
         logp, best = [], []
         for a in range(0, len(batch["sequences"]), self.chunk):
             lp, b = self.probe_forward(params, {k: jnp.asarray(v[a:a + self.chunk]) for k, v in batch.items()})
             logp.append(np.asarray(lp))
             best.append(np.asarray(b))
         return check_engines(engine_logp, np.concatenate(logp)[:n_rows], np.concatenate(best)[:n_rows],
-                             attn[:, self.prompt_len:], np.arange(n_rows) // len(prompts), tol=self.tolerance)
+                             attn[:n_rows, self.prompt_len:], np.arange(n_rows) // len(prompts),
+                             tol=self.tolerance)

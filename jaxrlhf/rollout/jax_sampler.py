@@ -309,6 +309,11 @@ class JaxSampler:
                 node = node[k]
             node[keys[-1]] = _place(array, spec, transpose)
 
+    @property
+    def num_programs(self) -> int:
+        """Programs compiled so far (one per batch size and sampling settings)."""
+        return len(self._programs)
+
     def close(self) -> None:
         """Drop the parameters and compiled programs; the sampler cannot be used afterwards."""
         self._params = None

@@ -49,12 +49,14 @@ class Experience:
 
 
 def forward_in_chunks(forwards: Mapping[str, Callable[[dict], Any]], sequences: np.ndarray,
-                      attention_mask: np.ndarray, chunk: int) -> dict[str, np.ndarray]:
-    """``{name: concatenated fn(rows)}`` over ``chunk``-row slices; each fn maps ``{"sequences",
-    "attention_mask"}`` host rows (the same on every process) to a [rows, ...] result."""
+                      attention_mask: np.ndarray, chunk: int, *, prompt_len: int) -> dict[str, np.ndarray]:
+    """``{name: concatenated fn(rows)}`` over ``chunk``-row slices; each fn maps ``{"sequences", "attention_mask",
+    "action_mask"}`` host rows (the same on every process; [rows, P + R] and [rows, R]) to a [rows, ...] result."""
     outs: dict[str, list] = {name: [] for name in forwards}
+    action_mask = attention_mask[:, prompt_len:].astype(np.float32)
     for a in range(0, len(sequences), chunk):
-        rows = {"sequences": sequences[a:a + chunk], "attention_mask": attention_mask[a:a + chunk]}
+        rows = {"sequences": sequences[a:a + chunk], "attention_mask": attention_mask[a:a + chunk],
+                "action_mask": action_mask[a:a + chunk]}
         for name, fn in forwards.items():
             outs[name].append(np.asarray(fn(rows)))
     return {name: np.concatenate(parts) for name, parts in outs.items()}

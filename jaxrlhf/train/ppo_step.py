@@ -17,51 +17,60 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 
-def response_logits(model, b: dict, prompt_len: int, response_len: int):
-    """Model outputs at the columns that predict the response tokens: [b, R, ...]."""
-    out = model(b["sequences"], attention_mask=b["attention_mask"])
-    return out[:, prompt_len - 1:prompt_len + response_len - 1]
+def response_hidden(model, b: dict):
+    """Final hidden states at the columns that predict the response tokens, ``[b, R, D]``, and the response tokens
+    ``[b, R]``. P and R come from the batch's shapes (``action_mask`` is [b, R]), so one loss serves every bucket
+    of prompt and response lengths (one compiled program per shape)."""
+    R = b["action_mask"].shape[1]
+    P = b["sequences"].shape[1] - R
+    h, _ = model.hidden_states(b["sequences"], b["attention_mask"])
+    return h[:, P - 1:P + R - 1], b["sequences"][:, P:]
 
 
-def logprob_fn(*, prompt_len: int, response_len: int, temperature: float) -> Callable:
-    """``(model, rows) -> [b, R]`` log-probs of the response tokens at ``temperature`` (old / reference)."""
+def response_logprobs(model, b: dict, *, temperature: float, chunk: int, with_entropy: bool = False):
+    """``(logp [b, R], entropy [b, R] or None)`` of the response tokens: the LM head on response positions only,
+    ``chunk`` positions at a time (``losses.logprobs_from_hidden``: never [b, T, V] logits)."""
     from jaxrlhf import losses
 
-    def fn(model, b):
-        logits = response_logits(model, b, prompt_len, response_len)
-        return losses.logprobs_from_logits(logits, b["sequences"][:, prompt_len:], temperature)
-
-    return fn
+    h, tokens = response_hidden(model, b)
+    return losses.logprobs_from_hidden(h, model.head_weight(), tokens, temperature, chunk=chunk,
+                                       with_entropy=with_entropy)
 
 
-def value_fn(*, prompt_len: int, response_len: int) -> Callable:
+def logprob_fn(*, temperature: float, chunk: int) -> Callable:
+    """``(model, rows) -> [b, R]`` log-probs of the response tokens at ``temperature`` (old / reference)."""
+    return lambda model, b: response_logprobs(model, b, temperature=temperature, chunk=chunk)[0]
+
+
+def value_fn() -> Callable:
     """``(critic, rows) -> [b, R]`` values at the columns that predict the response tokens."""
-    return lambda model, b: response_logits(model, b, prompt_len, response_len)
+    return lambda model, b: model.scores(response_hidden(model, b)[0])
 
 
-def probe_fn(*, prompt_len: int, response_len: int) -> Callable:
+def probe_fn() -> Callable:
     """``(model, rows) -> (logp, best)`` [b, R] each: temperature-1 log-probs of the response tokens and the
-    largest log-prob per position (the sync check's trainer side, rollout/sync_check.py)."""
+    largest log-prob per position (the sync check's trainer side, rollout/sync_check.py; a few probe rows, so the
+    full logits are fine here)."""
     import jax
     import jax.numpy as jnp
 
     def fn(model, b):
-        logp_btv = jax.nn.log_softmax(response_logits(model, b, prompt_len, response_len).astype(jnp.float32), -1)
-        return jnp.take_along_axis(logp_btv, b["sequences"][:, prompt_len:, None], -1)[..., 0], logp_btv.max(-1)
+        h, tokens = response_hidden(model, b)
+        logp_btv = jax.nn.log_softmax(model.logits(h), -1)
+        return jnp.take_along_axis(logp_btv, tokens[..., None], -1)[..., 0], logp_btv.max(-1)
 
     return fn
 
 
-def policy_loss_fn(*, prompt_len: int, response_len: int, temperature: float, eps_clip_low: float,
-                   eps_clip_high: float, dual_clip: Optional[float], entropy_coef: float, use_kl_loss: bool,
-                   kl_estimator: str) -> Callable:
+def policy_loss_fn(*, temperature: float, eps_clip_low: float, eps_clip_high: float, dual_clip: Optional[float],
+                   entropy_coef: float, use_kl_loss: bool, kl_estimator: str, chunk: int = 128) -> Callable:
     """The actor's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``old_logp``, ``advantages`` and, with
-    ``use_kl_loss``, ``ref_logp`` and ``kl_coef``."""
+    ``use_kl_loss``, ``ref_logp`` and ``kl_coef``. ``chunk``: response positions per chunk of the LM head."""
     from jaxrlhf import losses
 
     def fn(model, b):
-        logits = response_logits(model, b, prompt_len, response_len)
-        logp = losses.logprobs_from_logits(logits, b["sequences"][:, prompt_len:], temperature)
+        logp, entropy = response_logprobs(model, b, temperature=temperature, chunk=chunk,
+                                          with_entropy=bool(entropy_coef))
         mask, n = b["action_mask"], b["num_tokens"]
         pg_bt, clipped_bt = losses.ppo_policy_loss(logp, b["old_logp"], b["advantages"], eps_clip_low=eps_clip_low,
                                                    eps_clip_high=eps_clip_high, dual_clip=dual_clip)
@@ -69,7 +78,7 @@ def policy_loss_fn(*, prompt_len: int, response_len: int, temperature: float, ep
         metrics = {"policy_loss": loss, "clip_frac": losses.token_mean_over_batch(clipped_bt, mask, n),
                    "approx_kl": losses.token_mean_over_batch(b["old_logp"] - logp, mask, n)}
         if entropy_coef:
-            ent = losses.token_mean_over_batch(losses.entropy_from_logits(logits, temperature), mask, n)
+            ent = losses.token_mean_over_batch(entropy, mask, n)
             loss = loss - entropy_coef * ent
             metrics["entropy"] = ent
         if use_kl_loss:
@@ -81,12 +90,12 @@ def policy_loss_fn(*, prompt_len: int, response_len: int, temperature: float, ep
     return fn
 
 
-def value_loss_fn(*, prompt_len: int, response_len: int, value_clip: Optional[float]) -> Callable:
+def value_loss_fn(*, value_clip: Optional[float]) -> Callable:
     """The critic's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``values`` (old) and ``returns``."""
     from jaxrlhf import losses
 
     def fn(model, b):
-        values = response_logits(model, b, prompt_len, response_len)
+        values = model.scores(response_hidden(model, b)[0])
         loss = losses.token_mean_over_batch(
             losses.ppo_value_loss(values, b["values"], b["returns"], value_clip=value_clip), b["action_mask"],
             b["num_tokens"])
@@ -130,16 +139,25 @@ class PPOState:
 
 
 def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step: Callable | None,
-               train_batch_size: int, micro_batch: int, max_epochs: int, seed: int, use_kl_loss: bool
-               ) -> tuple[PPOState, dict[str, float]]:
+               train_batch_size: int, micro_batch: int, max_epochs: int, seed: int, use_kl_loss: bool,
+               timer=None) -> tuple[PPOState, dict[str, float]]:
     """``max_epochs`` passes over ``exp`` (an ``Experience``) in shuffled ``train_batch_size`` batches, each one
     optimizer update of the actor (``actor_step``; None while the actor is frozen) and of the critic (``critic_step``;
     None without one), accumulated over ``micro_batch``-row micro-batches.
 
     The order is seeded by ``(seed, state.step)``: a resumed run repeats it. Returns the new state (``step`` not
     advanced: the loop does that) and the mean of each loss metric over the updates (``actor/...``, ``critic/...``).
+    ``timer`` (a ``metrics.PhaseTimer``): each update is waited for inside its phase, ``update_actor`` /
+    ``update_critic``, so the seconds are the compute's, not the dispatch's.
     """
+    import contextlib
+
+    import jax
+
     from jaxrlhf.train.steps import stack_micro_batches
+
+    def phase(name):
+        return timer(name) if timer is not None else contextlib.nullcontext()
 
     rng = np.random.default_rng([seed, state.step])
     collected: dict[str, list] = {}
@@ -153,11 +171,15 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
                 b = exp.batch(rows, *actor_keys)
                 if use_kl_loss:
                     b["kl_coef"] = np.float32(state.kl_coef)
-                actor, actor_opt, m = actor_step(actor, actor_opt, stack_micro_batches(b, micro_batch))
+                with phase("update_actor"):
+                    actor, actor_opt, m = jax.block_until_ready(
+                        actor_step(actor, actor_opt, stack_micro_batches(b, micro_batch)))
                 _collect(collected, m, "actor/")
             if critic_step is not None:
                 b = exp.batch(rows, "values", "returns")
-                critic, critic_opt, m = critic_step(critic, critic_opt, stack_micro_batches(b, micro_batch))
+                with phase("update_critic"):
+                    critic, critic_opt, m = jax.block_until_ready(
+                        critic_step(critic, critic_opt, stack_micro_batches(b, micro_batch)))
                 _collect(collected, m, "critic/")
     means = {k: float(np.mean([float(x) for x in v])) for k, v in collected.items()}
     return replace(state, actor=actor, actor_opt=actor_opt, critic=critic, critic_opt=critic_opt), means

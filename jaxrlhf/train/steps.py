@@ -95,6 +95,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
         b_sh, fn = compiled[key]
         return fn(params, opt_state, jax.tree_util.tree_map(global_array, micro_batches, b_sh))  # multi-host
 
+    run.compiled = compiled  # one program per distinct batch shape (logged as compile/count)
     return run
 
 
@@ -118,6 +119,7 @@ def make_forward(graphdef, fn: Callable[[Any, dict], Any], *, params, mesh, comp
         b_sh, fn = compiled[key]
         return fn(params, jax.tree_util.tree_map(global_array, batch, b_sh))  # multi-host
 
+    run.compiled = compiled
     return run
 
 
