@@ -72,8 +72,13 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
     reward_clip_range: tuple[float, ...] = arg((-10.0, 10.0), "clip the scalar reward")
     normalize_reward: bool = arg(False, "normalise rewards (RM config mean/std, else running statistics)")
     no_advantage_std_norm: bool = arg(False, "do not divide advantages by their std")
+    # ---- shapes
     logits_chunk_size: int = arg(128, "response positions per chunk of the LM head and log-softmax (the loss's "
                                  "peak memory ~ micro-batch x chunk x vocab x 4 bytes)")
+    length_buckets: Optional[tuple[int, ...]] = arg(None, "each batch's prompts and responses are padded to the "
+                                                          "smallest of these lengths that holds the longest one "
+                                                          "(default: powers of two from 16, capped at the max lengths)")
+    fixed_shapes: bool = arg(False, "pad every batch to --prompt_max_len + --generate_max_len (one compiled shape)")
     # ---- outputs and role placement (sharding/placement.py: default everything on --mesh)
     ckpt_path: str = arg("./ckpt/checkpoints_ppo", "training checkpoints")
     demo_dir: str = arg(".cache/jaxrlhf-demo", "where the built-in demo caches its tokenizer, data and SFT model")
@@ -89,11 +94,18 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
                      "prompt_max_len", "generate_max_len", "kl_horizon", "logits_chunk_size")
         if self.eps_clip_low_high is not None and len(self.eps_clip_low_high) != 2:
             raise ValueError(f"--eps_clip_low_high takes two numbers (low,high), got {self.eps_clip_low_high}")
+        if self.length_buckets is not None and (not self.length_buckets or min(self.length_buckets) < 1):
+            raise ValueError(f"--length_buckets takes positive lengths (e.g. 64,128,256), got {self.length_buckets}")
         if len(self.reward_clip_range) != 2:
             raise ValueError(f"--reward_clip_range takes two numbers (low,high), got {self.reward_clip_range}")
         if ESTIMATORS[self.advantage_estimator].group and self.n_samples_per_prompt < 2:
             raise ValueError(f"--advantage_estimator {self.advantage_estimator} needs a group: set "
                              "--n_samples_per_prompt >= 2")
+
+    @property
+    def buckets(self) -> tuple[int, ...] | None:
+        """What ``data.loader.bucket_length`` pads to: () with --fixed_shapes (always the maximum)."""
+        return () if self.fixed_shapes else self.length_buckets
 
     @property
     def role_meshes(self) -> dict:

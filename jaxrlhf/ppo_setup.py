@@ -201,7 +201,7 @@ def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, mod
 
     engine = make_engine(cfg, model=actor, pretrain=cfg.pretrain, tokenizer=tokenizer, mesh=mesh,
                          prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, bf16=cfg.bf16,
-                         seed=cfg.seed)
+                         seed=cfg.seed, prompt_buckets=cfg.buckets)
     if engine is not None:
         run.callback(engine.close)
     # Weight sync: the pool gets host arrays, except NCCL on one host (device arrays handed over by DLPack); the JAX
@@ -212,7 +212,8 @@ def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, mod
         pad_id=tokenizer.pad_token_id, prompt_len=cfg.prompt_max_len, response_len=cfg.generate_max_len,
         weights_on_host=pool and not (cfg.vllm_sync_backend == "nccl" and jax.process_count() == 1),
         sync_check=cfg.vllm_sync_check, probe_prompts=data.batch(list(range(min(4, len(data)))))[1],
-        probe_forward=probe_forward, chunk=chunk, tolerance=default_tolerance(engine_dtype(cfg, cfg.bf16)))
+        probe_forward=probe_forward, chunk=chunk, tolerance=default_tolerance(engine_dtype(cfg, cfg.bf16)),
+        length_buckets=cfg.buckets)
 
 
 def _resume(cfg, run, state, batches, data, total_steps: int):

@@ -1,10 +1,11 @@
 """SFT train-step throughput: jaxrlhf (the shared jitted step + sft_loss) next to an equivalent PyTorch step.
 
     .venv/bin/python scripts/bench_sft.py [--batch 4] [--seq 256] [--steps 5] [--warmup 2] [--mesh 1] \\
-        [--threads N] [--out bench_sft.json]
+        [--threads N] [--model DIR] [--out bench_sft.json]
 
 Model: a ~127M-parameter Llama-style config (hidden 768, 12 layers, 12 heads, MLP 1792, vocab 32000, untied head),
-randomly initialised ONCE by transformers and saved; both frameworks start from those same weights.
+randomly initialised ONCE by transformers and saved, or ``--model DIR`` (e.g. the real SmolLM2-135M of
+scripts/real_model.sh); both frameworks start from those same weights.
 
 One step, both sides, fp32 everywhere: forward over [batch, seq] tokens, next-token cross entropy averaged over the
 learned tokens (the second half of each row; the first half is the "prompt"), backward, global-norm clipping at 1.0,
@@ -40,11 +41,11 @@ MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=1792, num_hidd
 LR, BETAS, EPS, MAX_NORM = 1e-5, (0.9, 0.95), 1e-8, 1.0
 
 
-def make_batch(batch: int, seq: int, seed: int = 0):
+def make_batch(batch: int, seq: int, vocab_size: int, seed: int = 0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, MODEL["vocab_size"], (batch, seq)).astype(np.int32)
+    ids = rng.integers(3, vocab_size, (batch, seq)).astype(np.int32)
     loss_mask = np.zeros((batch, seq), np.float32)
     loss_mask[:, seq // 2:] = 1.0  # the second half is the "response"
     return ids, loss_mask
@@ -121,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads(N); N=1 also makes XLA's CPU matmuls single-threaded (default: both "
                         "frameworks use every core)")
+    p.add_argument("--model", default=None,
+                   help="an HF Llama directory to time instead of the random config (e.g. the real model of "
+                        "scripts/real_model.sh)")
     p.add_argument("--out", default="bench_sft.json")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
@@ -136,15 +140,21 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ids, loss_mask = make_batch(args.batch, args.seq)
     tokens = args.batch * args.seq
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
-        n_params = sum(p.numel() for p in hf_model.parameters())
-        hf_model.save_pretrained(tmp)
-        del hf_model
+        if args.model:
+            tmp = args.model
+            model_cfg = json.load(open(os.path.join(tmp, "config.json")))
+            n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(tmp).parameters())
+        else:
+            torch.manual_seed(0)
+            hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**MODEL))
+            n_params = sum(p.numel() for p in hf_model.parameters())
+            hf_model.save_pretrained(tmp)
+            model_cfg = MODEL
+            del hf_model
         gc.collect()
+        ids, loss_mask = make_batch(args.batch, args.seq, model_cfg["vocab_size"])
         print(f"model: {n_params / 1e6:.1f}M parameters; batch {args.batch} x seq {args.seq} = {tokens} tokens/step",
               file=sys.stderr)
         steppers = {"jaxrlhf (JAX/XLA)": jax_stepper(tmp, args.mesh, ids, loss_mask),
@@ -171,7 +181,7 @@ def main(argv=None) -> int:
     jx, pt = rows[0], rows[1]
     loss_gap = abs(jx["first_loss"] - pt["first_loss"])
     result = {
-        "model": {**MODEL, "parameters": n_params}, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "model": {**{k: model_cfg.get(k) for k in MODEL}, "path": args.model, "parameters": n_params}, "batch": args.batch, "seq": args.seq, "steps": args.steps,
         "warmup": args.warmup, "dtype": "float32", "mesh": args.mesh, "threads": args.threads, "rows": rows,
         "speedup_jax_over_torch": pt["median_step_s"] / jx["median_step_s"], "first_loss_abs_diff": loss_gap,
         "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "machine": platform.machine(),

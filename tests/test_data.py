@@ -11,7 +11,7 @@ import pytest
 from datasets import Dataset, DatasetDict, Features, Value
 from transformers import AutoTokenizer
 
-from jaxrlhf.data.loader import BatchIterator, left_pad, right_pad
+from jaxrlhf.data.loader import BatchIterator, bucket_length, left_pad, right_pad
 from jaxrlhf.data.prompts import PromptDataset, truncate_left
 from jaxrlhf.data.sources import blend, load_records, parse_probs, split_specs
 from jaxrlhf.data.tokenizer import DEFAULT_CHARS, build_tiny_tokenizer, load_tokenizer
@@ -540,3 +540,11 @@ def test_sft_dataset_errors(tok, tmp_path):
         SFTDataset([{"input": "abcdef", "output": "g"}], tok, output_key="output", max_len=4, source="x")
     with pytest.raises(ValueError, match="is empty"):
         SFTDataset([], tok, output_key="output")
+
+
+def test_bucket_length():
+    assert [bucket_length(n, 100) for n in (0, 1, 16, 17, 64, 65, 100)] == [16, 16, 16, 32, 64, 100, 100]
+    assert bucket_length(5, 8) == 8 and bucket_length(3, 1024, (4, 12)) == 4 and bucket_length(13, 1024, (4, 12)) == 1024
+    assert bucket_length(3, 64, ()) == 64  # no buckets: always the maximum
+    with pytest.raises(ValueError, match="does not fit the maximum length 8"):
+        bucket_length(9, 8)

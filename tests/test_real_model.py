@@ -101,7 +101,8 @@ def test_jax_sampler_and_vllm_greedy_equal_transformers_generate(real):
     from jaxrlhf.rollout.vllm_pool import PoolConfig, VLLMPool
 
     pool = VLLMPool(PoolConfig(model=real["path"], num_engines=1, dtype="float32", kv_cache_mb=256,
-                               eos_token_ids=(tok.eos_token_id,), request_timeout_s=300))
+                               max_model_len=64 + NEW_TOKENS, eos_token_ids=(tok.eos_token_id,),
+                               request_timeout_s=300))
     try:
         assert [c.token_ids for c in pool.generate(real["rows"], greedy)] == want
     finally:
@@ -123,8 +124,9 @@ def test_grpo_steps_through_the_vllm_pool(real, tmp_path):
            "--generate_max_len", "24", "--max_steps", "2", "--init_kl_coef", "0", "--actor_learning_rate", "1e-6",
            "--mesh", "1", "--vllm_num_engines", "1", "--vllm_kv_cache_mb", "256", "--vllm_sync_check", "every",
            "--save_path", str(out), "--ckpt_path", str(out / "ckpt")]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the tests' 8 host devices: not for --mesh 1
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500,
-                       env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                       env={**env, "TOKENIZERS_PARALLELISM": "false"})
     assert r.returncode == 0, r.stderr[-4000:]
     log = [json.loads(line) for line in open(out / "logs" / "metrics.jsonl")]
     assert [rec["step"] for rec in log] == [1, 2]

@@ -123,6 +123,23 @@ def test_greedy_matches_full_forward_unsharded(setup):
     check_greedy(out, setup, {setup["eos"]})  # the eos comes from eos_token_ids here, not stop_token_ids
 
 
+def test_prompt_buckets_pad_less_and_change_nothing(setup):
+    """Prompts of at most 3 tokens padded to bucket 4 (not max_prompt_len 8): the same greedy tokens and
+    log-probs; a call with an 8-token prompt falls back to 8 (the cap); one program per prompt length."""
+    from jaxrlhf.rollout import JaxSampler
+
+    sampler = JaxSampler(setup["plain"], pad_token_id=0, eos_token_ids=[setup["eos"]], max_prompt_len=PROMPT_LEN,
+                         prompt_buckets=(4,))
+    short = [PROMPTS[0], PROMPTS[2]]
+    out = sampler.generate(short, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    full = setup["unsharded"].generate(short, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    assert [c.token_ids for c in out] == [c.token_ids for c in full]
+    np.testing.assert_allclose(np.concatenate([c.logprobs for c in out]),
+                               np.concatenate([c.logprobs for c in full]), atol=LOGPROB_TOL, rtol=0)
+    sampler.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+    assert sorted(shape[1] for shape, _ in sampler._programs) == [4, 8]
+
+
 # ------------------------------------------------------------------ (b) + (c) sampling: logprobs, n, seeds
 def sample(sampler, seed: int, temperature: float = 1.0, n: int = 2):
     return sampler.generate(PROMPTS, SamplingParams(n=n, temperature=temperature, max_tokens=MAX_TOKENS, seed=seed))

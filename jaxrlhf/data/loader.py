@@ -26,6 +26,17 @@ def _padded_length(seqs: Sequence[Sequence[int]], length: int | None, multiple_o
     return longest
 
 
+def bucket_length(n: int, cap: int, buckets: Sequence[int] | None = None) -> int:
+    """The length a batch whose longest row has ``n`` tokens is padded to: the smallest of ``buckets`` that holds
+    ``n`` (default: the powers of two from 16), never more than ``cap`` (the flag's maximum). Few distinct lengths
+    means few compiled programs; ``buckets=()`` always gives ``cap`` (one fixed shape)."""
+    if n > cap:
+        raise ValueError(f"a row of {n} tokens does not fit the maximum length {cap}")
+    if buckets is None:
+        buckets = [16 << k for k in range(max(cap, 16).bit_length())]
+    return min([b for b in buckets if b >= n] + [cap])
+
+
 def left_pad(
     seqs: Sequence[Sequence[int]],
     pad_id: int,

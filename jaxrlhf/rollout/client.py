@@ -3,8 +3,8 @@
 ``RolloutClient`` wraps an ``Engine`` (engine.py: the JAX sampler on every process, or the vLLM pool on process 0
 only) and gives the loop three calls:
 
-- ``generate(prompt_ids, sampling) -> Rollout``: fixed-shape padded ``[prompt | response]`` rows, the same on
-  every process. Rows are built on process 0 and broadcast (``sharding.distributed.from_process0``): an engine
+- ``generate(prompt_ids, sampling) -> Rollout``: padded ``[prompt | response]`` rows, the same on every process,
+  as long as the batch's longest prompt and response rounded up to a bucket length (few compiled shapes). Rows are built on process 0 and broadcast (``sharding.distributed.from_process0``): an engine
   error there (a vLLM ``TimeoutError``) is raised on process 0 and reported on the others, nobody waits forever.
 - ``sync(params) -> metrics``: send the policy's weights (HF names, ``converters.hf.hf_tensors``) to the engine;
   every process joins the per-tensor gathers, a failure on process 0 is reported on all of them. It counts its
@@ -15,7 +15,7 @@ only) and gives the loop three calls:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -45,6 +45,22 @@ class Rollout:
         return [row[p:][mask[p:] > 0].tolist() for row, mask in zip(self.sequences, self.attention_mask)]
 
 
+def trim_to_buckets(rows: tuple[np.ndarray, np.ndarray, np.ndarray], prompt_len: int,
+                    buckets: Sequence[int] | None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+    """``(sequences, attention_mask, rollout_logp)`` padded to the maximum lengths -> the same rows with the prompt
+    columns cut to the bucket of the longest prompt (left padding dropped) and the response columns to the bucket
+    of the longest response (``data.loader.bucket_length``), and the new prompt length. Deterministic in the rows,
+    so every process trims the same way."""
+    from jaxrlhf.data.loader import bucket_length
+
+    seqs, mask, logp = rows
+    response_len = mask.shape[1] - prompt_len
+    p = bucket_length(int(mask[:, :prompt_len].sum(1).max(initial=0)), prompt_len, buckets)
+    r = bucket_length(int(mask[:, prompt_len:].sum(1).max(initial=0)), response_len, buckets)
+    cols = slice(prompt_len - p, prompt_len + r)
+    return (seqs[:, cols], mask[:, cols], logp[:, :r]), p
+
+
 def pad_rows(prompt_rows: list[list[int]], completions: list[Completion], *, pad_id: int, prompt_len: int,
              response_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(sequences, attention_mask, rollout_logp)`` of ``completions`` (see ``Rollout``)."""
@@ -68,18 +84,21 @@ class RolloutClient:
     weights_on_host: gather each tensor to host NumPy for the sync (the pool), else keep device arrays.
     probe_forward: jitted ``(params, {"sequences", "attention_mask", "action_mask"}) -> (logp, best logp)``, [n, R]
         (temperature 1), run in chunks of ``chunk`` rows; ``probe_prompts``: token lists of the probe prompts.
+    length_buckets: ``generate`` pads each batch's prompts and responses to these lengths (``trim_to_buckets``;
+        None: powers of two), capped at ``prompt_len`` / ``response_len``; ``()``: always the maximum lengths.
     """
 
     def __init__(self, engine, *, collective: bool, num_engines: int, model_cfg, pad_id: int, prompt_len: int,
                  response_len: int, weights_on_host: bool, sync_check: Literal["off", "first", "every"] = "off",
                  probe_prompts: list[list[int]] = (), probe_forward: Callable | None = None, chunk: int = 1,
-                 tolerance: float = 0.0):
+                 tolerance: float = 0.0, length_buckets: Sequence[int] | None = ()):
         self.engine, self.collective, self.num_engines = engine, collective, num_engines
         self.model_cfg, self.pad_id = model_cfg, pad_id
         self.prompt_len, self.response_len = prompt_len, response_len
         self.weights_on_host, self.sync_check = weights_on_host, sync_check
         self.probe_prompts, self.probe_forward, self.chunk, self.tolerance = (
             list(probe_prompts), probe_forward, chunk, tolerance)
+        self.length_buckets = length_buckets
         self.num_syncs = 0
 
     def _rows(self, prompts: list[list[int]], completions: Callable[[], list[Completion]], n_rows: int):
@@ -98,7 +117,8 @@ class RolloutClient:
             rows = self._rows(prompt_ids, lambda: done, n_rows)
         else:
             rows = self._rows(prompt_ids, lambda: self.engine.generate(prompt_ids, sampling), n_rows)
-        return Rollout(*rows, prompt_len=self.prompt_len)
+        rows, prompt_len = trim_to_buckets(rows, self.prompt_len, self.length_buckets)
+        return Rollout(*rows, prompt_len=prompt_len)
 
     def compile_count(self) -> int:
         """Programs the engine compiled in this process (the JAX sampler: one per batch shape and settings)."""

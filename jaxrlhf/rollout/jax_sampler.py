@@ -2,12 +2,13 @@
 
 The fallback ``Engine`` where vLLM is not available (TPU, CPU development, tests). One call of ``generate``:
 
-1. every sample becomes a row (prompt-major: row ``r`` is prompt ``r // n``), left-padded to ``max_prompt_len``;
+1. every sample becomes a row (prompt-major: row ``r`` is prompt ``r // n``), left-padded to ``max_prompt_len``
+   (or, with ``prompt_buckets``, to the bucket length of the call's longest prompt);
    rows are padded to a multiple of the mesh's data x fsdp size (or to ``max_batch_size``) so one compiled
    program serves every call with the same settings, and the extra rows are dropped;
-2. one jit-compiled program per (batch size, max_tokens, greedy or not, top_k, top_p on/off, stop ids); the
-   seed, temperature and top_p value are inputs, so changing them does not recompile. The program prefills the
-   prompts into a KV cache of ``max_prompt_len + max_tokens`` slots, then a ``lax.while_loop`` decodes one
+2. one jit-compiled program per (batch size, prompt length, max_tokens, greedy or not, top_k, top_p on/off, stop
+   ids); the seed, temperature and top_p value are inputs, so changing them does not recompile. The program
+   prefills the prompts into a KV cache of ``prompt length + max_tokens`` slots, then a ``lax.while_loop`` decodes one
    token per step and stops as soon as every row has met a stop token or ``max_tokens``;
 3. the batch is split over (data, fsdp), parameters keep their shardings (explicit in/out shardings).
 
@@ -192,13 +193,17 @@ class JaxSampler:
     mesh: the device mesh (default: ``model.mesh``); parameters must already live on it.
     pad_token_id: fills the left padding of prompts and the tail of finished rows.
     eos_token_ids: tokens that end a sample (``SamplingParams.stop_token_ids`` adds more per call).
-    max_prompt_len: every prompt is left-padded to this length (one compile); longer prompts are an error.
+    max_prompt_len: the longest prompt allowed (longer ones are an error).
     cache_dtype: KV-cache dtype (default: the parameters' dtype).
     max_batch_size: most rows per compiled batch; larger calls run in chunks (None: all rows at once).
+    prompt_buckets: a call's prompts are left-padded to the bucket of its longest one (``data.loader.bucket_length``:
+        these lengths, None for powers of two), capped at ``max_prompt_len``; ``()`` (default): always to
+        ``max_prompt_len`` (one compile per batch size and settings).
     """
 
     def __init__(self, model: Decoder, *, mesh=None, pad_token_id: int, eos_token_ids: Sequence[int],
-                 max_prompt_len: int, cache_dtype=None, max_batch_size: int | None = None):
+                 max_prompt_len: int, cache_dtype=None, max_batch_size: int | None = None,
+                 prompt_buckets: Sequence[int] | None = ()):
         if model.head != "lm":
             raise ValueError(f"JaxSampler needs a causal LM (head='lm'), got head={model.head!r}")
         if max_prompt_len < 1:
@@ -215,6 +220,7 @@ class JaxSampler:
         self.pad_token_id = int(pad_token_id)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.max_prompt_len = int(max_prompt_len)
+        self.prompt_buckets = prompt_buckets
         self.max_batch_size = max_batch_size
         self._graphdef, state = nnx.split(model)
         self._params: dict | None = nnx.to_pure_dict(state)
@@ -246,13 +252,16 @@ class JaxSampler:
         settings = _settings(sampling, self.eos_token_ids)
         n_rows = len(prompts) * sampling.n
         batch = self._batch_size(n_rows)
+        from jaxrlhf.data.loader import bucket_length
+
+        Pl = bucket_length(max(map(len, prompts)), self.max_prompt_len, self.prompt_buckets)
         compile_s, steps = 0.0, 0
         tokens, logprobs, lengths, stopped = [], [], [], []
         for first in range(0, n_rows, batch):
             rows = range(first, min(first + batch, n_rows))
-            ids_bp, mask_bp, row_ids_b = self._pack(prompts, sampling.n, rows, batch)
+            ids_bp, mask_bp, row_ids_b = self._pack(prompts, sampling.n, rows, batch, Pl)
             inputs = self._place_batch(ids_bp, mask_bp, row_ids_b, sampling)
-            program, seconds = self._program(batch, settings, params, inputs)
+            program, seconds = self._program((batch, Pl), settings, params, inputs)
             compile_s += seconds
             out = jax.device_get(program(params, *inputs))
             tokens.append(out[0][:len(rows)])
@@ -356,9 +365,8 @@ class JaxSampler:
         rows = n_rows if self.max_batch_size is None else min(n_rows, self.max_batch_size)
         return -(-rows // self._dp) * self._dp
 
-    def _pack(self, prompts: list[list[int]], n: int, rows: range, batch: int):
-        """Left-padded ``ids [batch, P]``, ``mask [batch, P]`` and global row ids (-1 for padding rows)."""
-        Pl = self.max_prompt_len
+    def _pack(self, prompts: list[list[int]], n: int, rows: range, batch: int, Pl: int):
+        """Left-padded ``ids [batch, Pl]``, ``mask [batch, Pl]`` and global row ids (-1 for padding rows)."""
         ids_bp = np.full((batch, Pl), self.pad_token_id, np.int32)
         mask_bp = np.zeros((batch, Pl), np.int32)
         row_ids_b = np.full((batch,), -1, np.int32)
@@ -382,9 +390,10 @@ class JaxSampler:
         rep = NamedSharding(self.mesh, P())
         return (put(ids_bp, rows2), put(mask_bp, rows2), put(row_ids_b, rows1), *(put(a, rep) for a in scalars))
 
-    def _program(self, batch: int, settings: _Settings, params, inputs) -> tuple[Any, float]:
-        """The compiled program for (batch, settings) and the seconds spent compiling it now (0 if cached)."""
-        key = (batch, settings)
+    def _program(self, shape: tuple[int, int], settings: _Settings, params, inputs) -> tuple[Any, float]:
+        """The compiled program for ((batch, prompt length), settings) and the seconds spent compiling it now (0 if
+        cached)."""
+        key = (shape, settings)
         if key in self._programs:
             return self._programs[key], 0.0
         start = time.perf_counter()

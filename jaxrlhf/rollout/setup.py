@@ -46,9 +46,10 @@ def engine_dtype(flags: RolloutFlags, bf16: bool) -> str:
 
 
 def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, prompt_max_len: int,
-                generate_max_len: int, bf16: bool, seed: int):
-    """The JAX sampler over ``model`` (on every process), or the vLLM pool of ``pretrain`` (process 0; None on the
-    others). A converted (Orbax) ``pretrain`` starts the engines from dummy weights: sync before generating."""
+                generate_max_len: int, bf16: bool, seed: int, prompt_buckets=()):
+    """The JAX sampler over ``model`` (on every process; prompts padded to ``prompt_buckets``, see ``JaxSampler``),
+    or the vLLM pool of ``pretrain`` (process 0; None on the others). A converted (Orbax) ``pretrain`` starts the
+    engines from dummy weights: sync before generating."""
     import jax
 
     eos = (tokenizer.eos_token_id,)
@@ -56,7 +57,7 @@ def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, p
         from jaxrlhf.rollout import JaxSampler
 
         return JaxSampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos,
-                          max_prompt_len=prompt_max_len)
+                          max_prompt_len=prompt_max_len, prompt_buckets=prompt_buckets)
     if jax.process_index() != 0:
         return None
     try:

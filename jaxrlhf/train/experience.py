@@ -147,4 +147,5 @@ def experience_metrics(exp: Experience) -> dict[str, float]:
             "response_length": float(mask.sum(1).mean()), "return": float(exp.returns[:, 0].mean()),
             "advantage_abs": float(np.abs(exp.advantages).sum() / n_tok),
             "rollout/logprob_diff_mean": float(drift.mean()), "rollout/logprob_diff_max": float(drift.max()),
+            "shape/prompt_len": exp.prompt_len, "shape/response_len": mask.shape[1],
             **{f"reward/{k}": v for k, v in exp.info.items()}}
