@@ -77,7 +77,7 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
                                  "peak memory ~ micro-batch x chunk x vocab x 4 bytes)")
     length_buckets: Optional[tuple[int, ...]] = arg(None, "each batch's prompts and responses are padded to the "
                                                           "smallest of these lengths that holds the longest one "
-                                                          "(default: powers of two from 16, capped at the max lengths)")
+                                                          "(default: 16, 24, 32, 48, 64, 96, ..., capped at the max lengths)")
     fixed_shapes: bool = arg(False, "pad every batch to --prompt_max_len + --generate_max_len (one compiled shape)")
     # ---- outputs and role placement (sharding/placement.py: default everything on --mesh)
     ckpt_path: str = arg("./ckpt/checkpoints_ppo", "training checkpoints")

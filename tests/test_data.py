@@ -543,7 +543,8 @@ def test_sft_dataset_errors(tok, tmp_path):
 
 
 def test_bucket_length():
-    assert [bucket_length(n, 100) for n in (0, 1, 16, 17, 64, 65, 100)] == [16, 16, 16, 32, 64, 100, 100]
+    assert [bucket_length(n, 100) for n in (0, 1, 16, 17, 25, 33, 64, 65, 97, 100)] == \
+        [16, 16, 16, 24, 32, 48, 64, 96, 100, 100]
     assert bucket_length(5, 8) == 8 and bucket_length(3, 1024, (4, 12)) == 4 and bucket_length(13, 1024, (4, 12)) == 1024
     assert bucket_length(3, 64, ()) == 64  # no buckets: always the maximum
     with pytest.raises(ValueError, match="does not fit the maximum length 8"):

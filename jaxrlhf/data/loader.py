@@ -28,12 +28,13 @@ def _padded_length(seqs: Sequence[Sequence[int]], length: int | None, multiple_o
 
 def bucket_length(n: int, cap: int, buckets: Sequence[int] | None = None) -> int:
     """The length a batch whose longest row has ``n`` tokens is padded to: the smallest of ``buckets`` that holds
-    ``n`` (default: the powers of two from 16), never more than ``cap`` (the flag's maximum). Few distinct lengths
-    means few compiled programs; ``buckets=()`` always gives ``cap`` (one fixed shape)."""
+    ``n`` (default: 16, 24, 32, 48, 64, 96, ...: powers of two and 1.5 x powers of two, so at most a third of a
+    row is padding), never more than ``cap`` (the flag's maximum). Few distinct lengths means few compiled
+    programs; ``buckets=()`` always gives ``cap`` (one fixed shape)."""
     if n > cap:
         raise ValueError(f"a row of {n} tokens does not fit the maximum length {cap}")
     if buckets is None:
-        buckets = [16 << k for k in range(max(cap, 16).bit_length())]
+        buckets = [m << k for k in range(max(cap, 16).bit_length()) for m in (16, 24)]
     return min([b for b in buckets if b >= n] + [cap])
 
 

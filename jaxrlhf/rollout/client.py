@@ -85,7 +85,7 @@ class RolloutClient:
     probe_forward: jitted ``(params, {"sequences", "attention_mask", "action_mask"}) -> (logp, best logp)``, [n, R]
         (temperature 1), run in chunks of ``chunk`` rows; ``probe_prompts``: token lists of the probe prompts.
     length_buckets: ``generate`` pads each batch's prompts and responses to these lengths (``trim_to_buckets``;
-        None: powers of two), capped at ``prompt_len`` / ``response_len``; ``()``: always the maximum lengths.
+        None: the default series), capped at ``prompt_len`` / ``response_len``; ``()``: always the maximum lengths.
     """
 
     def __init__(self, engine, *, collective: bool, num_engines: int, model_cfg, pad_id: int, prompt_len: int,

@@ -197,7 +197,7 @@ class JaxSampler:
     cache_dtype: KV-cache dtype (default: the parameters' dtype).
     max_batch_size: most rows per compiled batch; larger calls run in chunks (None: all rows at once).
     prompt_buckets: a call's prompts are left-padded to the bucket of its longest one (``data.loader.bucket_length``:
-        these lengths, None for powers of two), capped at ``max_prompt_len``; ``()`` (default): always to
+        these lengths, None for its default series), capped at ``max_prompt_len``; ``()`` (default): always to
         ``max_prompt_len`` (one compile per batch size and settings).
     """
 
