@@ -30,7 +30,7 @@ class Parts:
     state: Any  # the (resumed) PPOState
     actor_step: Callable
     critic_step: Callable | None
-    forwards: dict  # name -> jitted (params, rows) -> [b, R]: old_logp, ref_logp, values
+    forwards: list  # (names, jitted ({name: params}, rows) -> {name: [b, R]}): old_logp, ref_logp, values
     ref_params: Any
     reward_models: Any
     remote_reward: Any
@@ -42,7 +42,7 @@ class Parts:
 
     def compile_count(self) -> int:
         """Programs compiled so far by the train steps, the forwards and the JAX sampler (one per distinct shape)."""
-        fns = [self.actor_step, self.critic_step, *self.forwards.values()]
+        fns = [self.actor_step, self.critic_step, *(f for _, f in self.forwards)]
         return sum(len(f.compiled) for f in fns if f is not None) + self.client.compile_count()
 
 
@@ -168,21 +168,30 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
     out: dict = {"critic_step": None, "critic_opt": None}
     out["actor_step"], out["actor_opt"], out["actor_lr"] = trainer(actor_def, actor_params, policy_loss,
                                                                    cfg.actor_learning_rate)
-    forwards = {"old_logp": make_forward(actor_def, logprobs, params=actor_params, mesh=mesh,
-                                         compute_dtype=compute_dtype)}
-    if ref_params is not None:  # --ref_mesh: compiled for its own mesh
-        forwards["ref_logp"] = forwards["old_logp"] if ref_mesh is None else make_forward(
-            ref_def, logprobs, params=_abstract(ref_params), mesh=ref_mesh, compute_dtype=compute_dtype)
+    # The experience pass: the roles on the main mesh in ONE program per micro-batch (one dispatch, one transfer
+    # of the results); a reference on its own --ref_mesh in a second one. Only shapes/shardings are kept here.
+    defs, fns, shapes = {"old_logp": actor_def}, {"old_logp": logprobs}, {"old_logp": actor_params}
+    if ref_params is not None and ref_mesh is None:
+        defs["ref_logp"], fns["ref_logp"], shapes["ref_logp"] = ref_def, logprobs, _abstract(ref_params)
     if critic_params is not None:
         out["critic_step"], out["critic_opt"], _ = trainer(
             critic_def, critic_params, ppo_step.value_loss_fn(value_clip=cfg.value_clip),
             cfg.critic_learning_rate)
-        forwards["values"] = make_forward(critic_def, ppo_step.value_fn(), params=critic_params, mesh=mesh,
-                                          compute_dtype=compute_dtype)
-    out["forwards"] = forwards
+        defs["values"], fns["values"], shapes["values"] = critic_def, ppo_step.value_fn(), _abstract(critic_params)
+    out["forwards"] = [(tuple(defs), make_forward(defs, _each(fns), params=shapes, mesh=mesh,
+                                                  compute_dtype=compute_dtype))]
+    if ref_params is not None and ref_mesh is not None:  # --ref_mesh: compiled for its own mesh
+        out["forwards"].append((("ref_logp",), make_forward(
+            {"ref_logp": ref_def}, _each({"ref_logp": logprobs}), params={"ref_logp": _abstract(ref_params)},
+            mesh=ref_mesh, compute_dtype=compute_dtype)))
     out["probe"] = make_forward(actor_def, ppo_step.probe_fn(), params=actor_params, mesh=mesh,
                                 compute_dtype=compute_dtype)
     return out
+
+
+def _each(fns: dict) -> Callable:
+    """``(models, batch) -> {name: fns[name](models[name], batch)}``: several roles' forwards as one function."""
+    return lambda models, batch: {name: fn(models[name], batch) for name, fn in fns.items()}
 
 
 def _abstract(tree):
@@ -260,7 +269,8 @@ def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labe
     ref = placement.onload(p.ref_params) if cfg.ref_offload and p.ref_params is not None else p.ref_params
     params = {"old_logp": state.actor, "ref_logp": ref, "values": state.critic}
     with timer("experience_forward"):
-        outs = forward_in_chunks({k: (lambda rows, f=f, k=k: f(params[k], rows)) for k, f in p.forwards.items()},
+        outs = forward_in_chunks([lambda rows, f=f, names=names: f({k: params[k] for k in names}, rows)
+                                  for names, f in p.forwards],
                                  rollout.sequences, rollout.attention_mask, chunk, prompt_len=rollout.prompt_len)
     del ref
     with timer("reward"):

@@ -1,6 +1,6 @@
 """Benchmark the vLLM rollout pool: weight broadcast bandwidth and rollout throughput, each against a peer.
 
-    .venv/bin/python scripts/bench_rollout.py --out /tmp/bench_rollout.json [--demo_steps 12]
+    .venv/bin/python scripts/bench_rollout.py --out /tmp/bench_rollout.json [--demo_steps 12] [--model DIR]
 
 1. broadcast: a random Qwen2-0.5B-shaped model (24 layers, hidden 896, head_dim 64, vocab 151936; ~0.49B params;
    ``--model tiny``: 4 layers, hidden 256, where per-call overheads show)
@@ -140,8 +140,9 @@ def demo_step_time(steps: int, use_vllm: bool, workdir: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_rollout.json")
-    ap.add_argument("--model", choices=("qwen0.5b", "tiny"), default="qwen0.5b",
-                    help="qwen0.5b: the broadcast figure's size; tiny (4 layers, hidden 256): per-call overheads show")
+    ap.add_argument("--model", default="qwen0.5b",
+                    help="qwen0.5b: the broadcast figure's size; tiny (4 layers, hidden 256): per-call overheads show; "
+                         "or an HF directory (e.g. the real SmolLM2-135M of scripts/real_model.sh)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--kv_cache_mb", type=int, default=512)
@@ -150,12 +151,20 @@ def main() -> None:
                          "machines a bf16 0.5B engine took 500 s to start and over 8 min for the rollout)")
     ap.add_argument("--demo_steps", type=int, default=0, help="also time the PPO demo (0: skip)")
     args = ap.parse_args()
+    if args.model not in ("qwen0.5b", "tiny") and not os.path.isfile(os.path.join(args.model, "config.json")):
+        ap.error(f"--model {args.model}: neither qwen0.5b, tiny nor an HF directory with a config.json")
 
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 1000, int(rng.integers(8, 33))).tolist() for _ in range(args.prompts)]  # ids < vocab
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = os.path.join(tmp, f"{args.model}-random")
-        n_params = build(model_dir, QWEN05 if args.model == "qwen0.5b" else TINY)
+        if args.model in ("qwen0.5b", "tiny"):
+            model_dir = os.path.join(tmp, f"{args.model}-random")
+            n_params = build(model_dir, QWEN05 if args.model == "qwen0.5b" else TINY)
+        else:
+            import transformers
+
+            model_dir = os.path.abspath(args.model)
+            n_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         res = {"params": n_params, **bench_broadcast_and_rollout(model_dir, prompts, args.max_tokens,
                                                                   args.kv_cache_mb, args.dtype)}
         if args.demo_steps:

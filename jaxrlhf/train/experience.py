@@ -15,7 +15,7 @@ t of a row sits at column P + t and is predicted by the logits at column P + t -
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -48,18 +48,21 @@ class Experience:
                 "num_tokens": np.float32(max(mask.sum(), 1.0)), **{k: getattr(self, k)[rows] for k in keys}}
 
 
-def forward_in_chunks(forwards: Mapping[str, Callable[[dict], Any]], sequences: np.ndarray,
+def forward_in_chunks(forwards: Sequence[Callable[[dict], Mapping[str, Any]]], sequences: np.ndarray,
                       attention_mask: np.ndarray, chunk: int, *, prompt_len: int) -> dict[str, np.ndarray]:
-    """``{name: concatenated fn(rows)}`` over ``chunk``-row slices; each fn maps ``{"sequences", "attention_mask",
-    "action_mask"}`` host rows (the same on every process; [rows, P + R] and [rows, R]) to a [rows, ...] result."""
-    outs: dict[str, list] = {name: [] for name in forwards}
+    """``{name: concatenated result}`` over ``chunk``-row slices; each fn maps ``{"sequences", "attention_mask",
+    "action_mask"}`` host rows (the same on every process; [rows, P + R] and [rows, R]) to ``{name: [rows, ...]}``
+    (one jitted program may compute several roles' outputs). Every chunk is dispatched before any result is
+    read back, so the host never waits between programs."""
+    outs: dict[str, list] = {}
     action_mask = attention_mask[:, prompt_len:].astype(np.float32)
     for a in range(0, len(sequences), chunk):
         rows = {"sequences": sequences[a:a + chunk], "attention_mask": attention_mask[a:a + chunk],
                 "action_mask": action_mask[a:a + chunk]}
-        for name, fn in forwards.items():
-            outs[name].append(np.asarray(fn(rows)))
-    return {name: np.concatenate(parts) for name, parts in outs.items()}
+        for fn in forwards:
+            for name, value in fn(rows).items():
+                outs.setdefault(name, []).append(value)
+    return {name: np.concatenate([np.asarray(v) for v in parts]) for name, parts in outs.items()}
 
 
 def score(sequences: np.ndarray, attention_mask: np.ndarray, *, response_ids: list[list[int]], chunk: int,

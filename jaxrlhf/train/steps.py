@@ -100,12 +100,18 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
 
 
 def make_forward(graphdef, fn: Callable[[Any, dict], Any], *, params, mesh, compute_dtype=None):
-    """Build ``forward(params, batch)`` = ``fn(model, batch)`` jitted with the batch sharded over (data, fsdp)."""
+    """Build ``forward(params, batch)`` = ``fn(model, batch)`` jitted with the batch sharded over (data, fsdp).
+
+    Several models in one program: ``graphdef`` and ``params`` dicts with the same keys, and ``fn(models, batch)``
+    gets the dict of merged models (e.g. PPO's actor, reference and critic forwards of a micro-batch, fused).
+    """
     p_sh = shardings_of(params)
 
     def f(params, batch):
         if compute_dtype is not None:
             params = cast_floating(params, compute_dtype)
+        if isinstance(graphdef, dict):
+            return fn({k: nnx.merge(g, params[k]) for k, g in graphdef.items()}, batch)
         return fn(nnx.merge(graphdef, params), batch)
 
     compiled: dict = {}
