@@ -146,6 +146,26 @@ def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:
     return h if dtype is None else h.astype(dtype, copy=False)
 
 
+def hf_entries(params: dict, cfg: ModelConfig, *, dtype=None, gather: bool = True) -> Iterator[tuple[str, Any, bool]]:
+    """Yield ``(hf_name, array, transposed)`` per parameter, in tree order: the weight sync's raw form.
+
+    ``array`` stays in Flax layout (its HF layout is ``array.T`` when ``transposed``), cast to ``dtype`` on its own
+    devices. A receiver that copies the tensor anyway (a vLLM engine loading it into its parameters) transposes in
+    that copy for free, so nothing is transposed or re-laid out here. With ``gather``, a parameter sharded across
+    hosts is all-gathered (a collective: every process iterates in the same order), so what is yielded is
+    addressable on this process: a ``jax.Array`` whose shards this process holds, or a NumPy array. Without it,
+    arrays keep their global sharding (for engines on the trainer's own devices, the JAX sampler).
+    """
+    for name, transpose, arr in _hf_entries(params, cfg):
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            arr = arr.astype(dtype)  # on the devices (XLA's cast is ~3x NumPy's for bfloat16), dispatched async
+        if gather and isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            arr = multihost_utils.process_allgather(arr, tiled=True)
+        yield name, arr, transpose
+
+
 def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True) -> Iterator[tuple[str, Any]]:
     """Yield ``(hf_name, array)`` in HF layout, one parameter at a time.
 

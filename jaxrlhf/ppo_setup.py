@@ -202,8 +202,6 @@ def _abstract(tree):
 
 def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, model_cfg, run):
     """The rollout engine (JAX sampler or vLLM pool, closed by ``run``) behind a ``RolloutClient``."""
-    import jax
-
     from jaxrlhf.rollout.client import RolloutClient
     from jaxrlhf.rollout.setup import engine_dtype, make_engine
     from jaxrlhf.rollout.sync_check import default_tolerance
@@ -213,13 +211,9 @@ def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, mod
                          seed=cfg.seed, prompt_buckets=cfg.buckets)
     if engine is not None:
         run.callback(engine.close)
-    # Weight sync: the pool gets host arrays, except NCCL on one host (device arrays handed over by DLPack); the JAX
-    # sampler keeps device arrays.
-    pool = bool(cfg.vllm_num_engines)
     return RolloutClient(
-        engine, collective=not pool, num_engines=cfg.vllm_num_engines, model_cfg=model_cfg,
+        engine, collective=not cfg.vllm_num_engines, num_engines=cfg.vllm_num_engines, model_cfg=model_cfg,
         pad_id=tokenizer.pad_token_id, prompt_len=cfg.prompt_max_len, response_len=cfg.generate_max_len,
-        weights_on_host=pool and not (cfg.vllm_sync_backend == "nccl" and jax.process_count() == 1),
         sync_check=cfg.vllm_sync_check, probe_prompts=data.batch(list(range(min(4, len(data)))))[1],
         probe_forward=probe_forward, chunk=chunk, tolerance=default_tolerance(engine_dtype(cfg, cfg.bf16)),
         length_buckets=cfg.buckets)

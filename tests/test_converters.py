@@ -3,6 +3,7 @@ import glob
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from converters.__main__ import main as convert
-from converters.hf import hf_tensors
+from converters.hf import hf_entries, hf_tensors
 from converters.safetensors_io import SafetensorsDir
+from sharding import make_mesh
 from jaxrlhf.models import from_pretrained
 from tests.tiny import FAMILIES, left_padded_batch, positions, save_tiny
 
@@ -112,6 +114,22 @@ def test_hf_tensors_iterator_matches_files(tmp_path):
     assert sorted(got) == sorted(ref)
     for k, v in got.items():
         np.testing.assert_array_equal(v, ref[k].numpy())
+
+
+def test_hf_entries_are_hf_tensors_before_the_transpose(tmp_path):
+    """The sync's raw form: Flax layout + a transposed flag, cast on the devices, sharded arrays left sharded."""
+    save_tiny("llama3", tmp_path)
+    from flax import nnx
+
+    model = from_pretrained(str(tmp_path), mesh=make_mesh("4x2"))
+    params = nnx.state(model).to_pure_dict()
+    ref = dict(hf_tensors(params, model.cfg))
+    entries = list(hf_entries(params, model.cfg, dtype=jnp.bfloat16))
+    assert [n for n, _, _ in entries] == list(ref) and any(t for _, _, t in entries)
+    for name, arr, transposed in entries:
+        assert isinstance(arr, jax.Array) and arr.dtype == jnp.bfloat16
+        host = np.asarray(arr)
+        np.testing.assert_array_equal(host.T if transposed else host, ref[name].astype(jnp.bfloat16))
 
 
 # ------------------------------------------------------------------ bad inputs

@@ -158,7 +158,7 @@ class FakeEngine:
         return [self.generate(prompt_token_ids, sampling)]
 
     def update_weights(self, named_tensors):
-        for name, _ in named_tensors:
+        for name, *_ in named_tensors:
             if self.fail_after is not None and len(self.loaded) == self.fail_after:
                 raise TimeoutError("engine 0 did not answer within 600 s")
             self.loaded.append(name)
@@ -175,7 +175,7 @@ def test_fake_engine_is_an_engine():
 def test_client_generate_pads_rows_prompt_major(tiny):
     root, _, _ = tiny
     client = RolloutClient(FakeEngine(), collective=False, num_engines=0, model_cfg=None, pad_id=0, prompt_len=P,
-                           response_len=R, weights_on_host=True)
+                           response_len=R)
     prompts = [[5], [6, 7, 8], [9, 9, 9, 9]]
     rollout = client.generate(prompts, SamplingParams(n=2, max_tokens=R))
     assert rollout.sequences.shape == (6, P + R) and rollout.rollout_logp.shape == (6, R)
@@ -207,7 +207,7 @@ def test_client_sync_counts_checks_and_propagates_engine_errors(tiny, monkeypatc
         return logp, logp
 
     client = RolloutClient(engine, collective=False, num_engines=1, model_cfg=model.cfg, pad_id=0, prompt_len=P,
-                           response_len=R, weights_on_host=True, sync_check="first", probe_prompts=[[5]],
+                           response_len=R, sync_check="first", probe_prompts=[[5]],
                            probe_forward=probe, chunk=8, tolerance=1e-4)
     first = client.sync(params)
     assert client.num_syncs == 1 and engine.probes == 1 and first["sync/GBps"] == 1.0
@@ -219,16 +219,16 @@ def test_client_sync_counts_checks_and_propagates_engine_errors(tiny, monkeypatc
     import converters.hf as hf
 
     drained = []
-    real = hf.hf_tensors
+    real = hf.hf_entries
 
     def counting(*a, **k):
         for item in real(*a, **k):
             drained.append(item[0])
             yield item
 
-    monkeypatch.setattr(hf, "hf_tensors", counting)
+    monkeypatch.setattr(hf, "hf_entries", counting)
     failing = RolloutClient(FakeEngine(fail_after=2), collective=False, num_engines=0, model_cfg=model.cfg, pad_id=0,
-                            prompt_len=P, response_len=R, weights_on_host=True)
+                            prompt_len=P, response_len=R)
     with pytest.raises(TimeoutError, match="did not answer"):
         failing.sync(params)
     assert len(drained) == n_tensors  # the remaining gathers were still joined (multi-host: nobody left waiting)

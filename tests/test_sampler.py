@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from converters.hf import hf_tensors
+from converters.hf import hf_entries, hf_tensors
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.rollout import Completion, Engine, JaxSampler, SamplingParams
 from sharding import make_mesh
@@ -261,6 +261,9 @@ def test_update_weights_round_trip(setup):
     restored = sampler.generate(PROMPTS, greedy_params(eos))
     assert [c.token_ids for c in restored] == [c.token_ids for c in before]
     assert [c.logprobs for c in restored] == [c.logprobs for c in before]
+    sampler.update_weights(iter(perturbed))
+    sampler.update_weights(hf_entries(params, model.cfg, gather=False))  # as PPO syncs: Flax layout, sharded
+    assert [c.token_ids for c in sampler.generate(PROMPTS, greedy_params(eos))] == [c.token_ids for c in before]
 
     with pytest.raises(ValueError, match="unknown tensor 'model.layers.9.mlp.up_proj.weight'"):
         sampler.update_weights([("model.layers.9.mlp.up_proj.weight", original[0][1])])

@@ -20,10 +20,10 @@ pytest.importorskip("ray", reason="Ray is not installed (scripts/setup.sh instal
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from converters.hf import hf_tensors  # noqa: E402
+from converters.hf import hf_entries, hf_tensors  # noqa: E402
 from jaxrlhf.models import from_pretrained  # noqa: E402
 from jaxrlhf.rollout import JaxSampler, SamplingParams  # noqa: E402
-from jaxrlhf.rollout.vllm_pool import PoolConfig, VLLMPool, _balance  # noqa: E402
+from jaxrlhf.rollout.vllm_pool import PoolConfig, VLLMPool, _balance, _SharedFiles  # noqa: E402
 from tests.tiny import save_tiny  # noqa: E402
 
 VLLM_SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -73,6 +73,32 @@ def test_balance_spreads_cost_and_keeps_order():
     loads = sorted(sum([10, 1, 1, 1, 9][i] for i in idx) for idx in plan.values())
     assert loads == [11, 11]
     assert _balance([7], [3], [1, 0]) == {0: [7]}  # ties go to the lower engine index
+
+
+def test_shared_memory_files_of_dead_trainers_are_removed():
+    if not _SharedFiles.available():
+        pytest.skip("no writable /dev/shm on this machine: the pool uses the object store")
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    while os.path.exists(f"/proc/{dead}"):
+        dead += 1
+    orphan = os.path.join(_SharedFiles.DIR, f"{_SharedFiles.PREFIX}{dead}-abcd-0-0")
+    mine = os.path.join(_SharedFiles.DIR, f"{_SharedFiles.PREFIX}{os.getpid()}-abcd-0-0")
+    for p in (orphan, mine):
+        open(p, "wb").close()
+    try:
+        files = _SharedFiles()
+        path, buf = files.buffer(0, 1000)
+        buf[:] = 7
+        assert not os.path.exists(orphan) and os.path.exists(mine) and os.path.getsize(path) == 1000
+        del buf
+        path2, _ = files.buffer(0, 4000)  # grows: a new file replaces the old one
+        assert path2 != path and not os.path.exists(path)
+        files.close()
+        assert not os.path.exists(path2)
+    finally:
+        for p in (orphan, mine):
+            if os.path.exists(p):
+                os.unlink(p)
 
 
 def test_bad_pool_config_is_refused_before_starting_anything(tmp_path):
@@ -135,9 +161,11 @@ def test_weight_sync_matches_the_jax_sampler_and_restores(pool, tiny):
     before = [c.token_ids for c in pool.generate(PROMPTS, GREEDY)]
     assert before == [c.token_ids for c in _jax_greedy(model, params, PROMPTS)]
 
-    noisy = _perturbed(params)
-    stats = pool.update_weights(hf_tensors(noisy, model.cfg))
+    noisy = _perturbed(params)  # as PPO sends them: Flax layout + transposed flags, through shared memory
+    stats = pool.update_weights(hf_entries(noisy, model.cfg))
     assert stats["bytes"] == sum(x.size * 4 for x in jax.tree_util.tree_leaves(params))
+    if SYNC_BACKEND == "ray":
+        assert pool._files is not None and all(os.path.exists(p) for p, _ in pool._files.files)
     ref = _jax_greedy(model, noisy, PROMPTS)
     assert [c.token_ids for c in ref] != before  # the perturbation changes the output
     for engine_out in pool.generate_each(PROMPTS, GREEDY):  # every engine, not just the one that served
@@ -145,9 +173,10 @@ def test_weight_sync_matches_the_jax_sampler_and_restores(pool, tiny):
         for c, r in zip(engine_out, ref):
             np.testing.assert_allclose(c.logprobs, r.logprobs, atol=1e-4)
 
-    # Small buckets: many broadcasts per sync, fused q/k/v and gate/up parts split across buckets.
+    # Small buckets: many broadcasts per sync, fused q/k/v and gate/up parts split across buckets; HF-layout pairs
+    # through the object store (the transport of engines on other nodes).
     cfg = pool.cfg
-    pool.cfg = dataclasses.replace(cfg, bucket_mb=1)
+    pool.cfg = dataclasses.replace(cfg, bucket_mb=1, shared_memory=False)
     try:
         stats = pool.update_weights(hf_tensors(params, model.cfg))
     finally:
@@ -173,7 +202,7 @@ def test_hung_engine_times_out_with_its_name(pool):
 def test_killed_engine_is_replaced_and_gets_current_weights(pool, tiny):
     _, model = tiny
     noisy = _perturbed(_params(model), seed=2)
-    pool.update_weights(hf_tensors(noisy, model.cfg))
+    pool.update_weights(hf_entries(noisy, model.cfg))  # restored from the shared-memory files on restart
     ref = [c.token_ids for c in _jax_greedy(model, noisy, PROMPTS)]
     old_pid = pool.pids[0]
     os.kill(old_pid, signal.SIGKILL)
@@ -190,7 +219,9 @@ def test_killed_engine_is_replaced_and_gets_current_weights(pool, tiny):
 
 def test_close_leaves_no_engine_processes(pool):
     pids = list(pool.pids)
+    files = [p for p, _ in pool._files.files] if pool._files else []
     pool.close()
+    assert not [p for p in files if os.path.exists(p)], "close() left weight-sync files in /dev/shm"
     deadline = time.time() + 30
     alive = pids
     while alive and time.time() < deadline:

@@ -6,7 +6,7 @@ only) and gives the loop three calls:
 - ``generate(prompt_ids, sampling) -> Rollout``: padded ``[prompt | response]`` rows, the same on every process,
   as long as the batch's longest prompt and response rounded up to a bucket length (few compiled shapes). Rows are built on process 0 and broadcast (``sharding.distributed.from_process0``): an engine
   error there (a vLLM ``TimeoutError``) is raised on process 0 and reported on the others, nobody waits forever.
-- ``sync(params) -> metrics``: send the policy's weights (HF names, ``converters.hf.hf_tensors``) to the engine;
+- ``sync(params) -> metrics``: send the policy's weights (HF names, ``converters.hf.hf_entries``) to the engine;
   every process joins the per-tensor gathers, a failure on process 0 is reported on all of them. It counts its
   syncs and runs ``check`` after the first one or after every one (``sync_check``).
 - ``check(params) -> metrics``: the sync-correctness probe: each engine's greedy continuation of a few probe
@@ -81,7 +81,6 @@ class RolloutClient:
     collective: the engine runs on every process in lockstep (the JAX sampler): ``generate`` is called everywhere.
     num_engines: engines behind ``engine`` that ``check`` probes (0: no probe, e.g. the JAX sampler).
     model_cfg: the policy's ``ModelConfig`` (names and layout of the synced tensors).
-    weights_on_host: gather each tensor to host NumPy for the sync (the pool), else keep device arrays.
     probe_forward: jitted ``(params, {"sequences", "attention_mask", "action_mask"}) -> (logp, best logp)``, [n, R]
         (temperature 1), run in chunks of ``chunk`` rows; ``probe_prompts``: token lists of the probe prompts.
     length_buckets: ``generate`` pads each batch's prompts and responses to these lengths (``trim_to_buckets``;
@@ -89,13 +88,13 @@ class RolloutClient:
     """
 
     def __init__(self, engine, *, collective: bool, num_engines: int, model_cfg, pad_id: int, prompt_len: int,
-                 response_len: int, weights_on_host: bool, sync_check: Literal["off", "first", "every"] = "off",
+                 response_len: int, sync_check: Literal["off", "first", "every"] = "off",
                  probe_prompts: list[list[int]] = (), probe_forward: Callable | None = None, chunk: int = 1,
                  tolerance: float = 0.0, length_buckets: Sequence[int] | None = ()):
         self.engine, self.collective, self.num_engines = engine, collective, num_engines
         self.model_cfg, self.pad_id = model_cfg, pad_id
         self.prompt_len, self.response_len = prompt_len, response_len
-        self.weights_on_host, self.sync_check = weights_on_host, sync_check
+        self.sync_check = sync_check
         self.probe_prompts, self.probe_forward, self.chunk, self.tolerance = (
             list(probe_prompts), probe_forward, chunk, tolerance)
         self.length_buckets = length_buckets
@@ -126,11 +125,13 @@ class RolloutClient:
 
     def sync(self, params: Any) -> dict:
         """Send ``params`` to the engine; with ``sync_check`` probe the engines after it. Returns metrics."""
-        from converters.hf import hf_tensors
+        from converters.hf import hf_entries
         from sharding.distributed import agree
 
         self.num_syncs += 1
-        named = hf_tensors(params, self.model_cfg, host=self.weights_on_host)
+        # A collective engine (the JAX sampler) takes its own shards; the pool (process 0) gets each tensor gathered
+        # to an array this process can read, a collective every process joins.
+        named = hf_entries(params, self.model_cfg, gather=not self.collective)
         stats, error = None, None
         if self.engine is not None:
             try:
@@ -145,6 +146,8 @@ class RolloutClient:
             raise error
         out = {"sync/seconds": stats["seconds"], "sync/GBps": stats["bytes"] / stats["seconds"] / 1e9} if stats \
             else {}
+        if stats and "write_seconds" in stats:  # the trainer's part of it (the engines' loading is the rest)
+            out["sync/write_seconds"] = stats["write_seconds"]
         if self.num_engines and (self.sync_check == "every" or (self.sync_check == "first" and self.num_syncs == 1)):
             out.update(self.check(params))
         return out

@@ -15,9 +15,11 @@ Conventions shared by every engine:
 - ``Completion.logprobs[t] = log softmax(z_t / T)[token_t]`` in fp32, where ``z_t`` are the model's logits at step t
   and ``T`` the sampling temperature (``T = 1`` when ``temperature == 0``, greedy), taken *before* top-k / top-p
   truncation: the log-probability of the token under the temperature-scaled full distribution.
-- ``update_weights`` takes ``(hf_name, array)`` pairs in Hugging Face names and layout, exactly as
-  ``converters.hf.hf_tensors`` yields them; arrays may be numpy or jax arrays of any float dtype (cast to the
-  engine's dtype). A subset of the model's tensors may be sent.
+- ``update_weights`` takes ``(hf_name, array, transposed)`` entries with Hugging Face names, exactly as
+  ``converters.hf.hf_entries`` yields them (the array in Flax layout; its HF layout is ``array.T`` when
+  ``transposed``: the engine transposes where it copies anyway), or ``(hf_name, array)`` pairs in HF layout
+  (``converters.hf.hf_tensors``); arrays may be numpy or jax arrays of any float dtype (cast to the engine's
+  dtype). A subset of the model's tensors may be sent.
 """
 from __future__ import annotations
 

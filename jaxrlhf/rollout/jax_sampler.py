@@ -285,18 +285,20 @@ class JaxSampler:
         }
         return completions
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Load ``(hf_name, array)`` pairs (HF names and layout, numpy or jax, any float dtype) into the sampler.
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        """Load ``(hf_name, array, transposed)`` entries (``converters.hf.hf_entries``) or ``(hf_name, array)`` pairs
+        in HF layout (numpy or jax, any float dtype) into the sampler.
 
         Each tensor is mapped through the converter table to its Flax path (transposed back where the layouts
-        differ), cast to the parameter's dtype and placed on that parameter's existing sharding; numpy input is
+        differ and the array is in HF layout), cast to the parameter's dtype and placed on that parameter's existing sharding; numpy input is
         sent shard by shard, so no full host copy of the model is made. A subset of the tensors may be sent.
         Unknown names and wrong shapes raise ``ValueError``; tensors placed before the error stay updated.
         A jax array already of the right dtype, layout and sharding is used as is, not copied: if the train step
         later donates it, call ``update_weights`` again before ``generate`` (``generate`` checks and says so).
         """
         params = self._live_params(allow_deleted=True)
-        for name, array in named_tensors:
+        for item in named_tensors:
+            name, array, flax_layout = item if len(item) == 3 else (*item, False)
             if any(p.search(name) for p in IGNORED_HF):
                 continue
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
@@ -309,6 +311,7 @@ class JaxSampler:
                     "(e.g. 'model.layers.0.self_attn.q_proj.weight')")
             path, transpose = found
             keys, spec = self._leaves[path]
+            transpose = transpose and not flax_layout
             hf_shape = tuple(reversed(spec.shape)) if transpose else tuple(spec.shape)
             if tuple(array.shape) != hf_shape:
                 raise ValueError(f"update_weights: tensor {name!r} has shape {tuple(array.shape)}, the sampler's "
@@ -421,7 +424,8 @@ def _raw_key(k) -> Any:
 
 
 def _place(array: Tensor, spec: jax.ShapeDtypeStruct, transpose: bool) -> jax.Array:
-    """An HF-layout tensor as an array of ``spec``'s shape, dtype and sharding."""
+    """A tensor (``transpose``: in HF layout, the transpose of ``spec``'s) as an array of ``spec``'s shape, dtype and
+    sharding."""
     if isinstance(array, jax.Array):
         x = array.T if transpose else array
         return jax.device_put(x.astype(spec.dtype), spec.sharding)

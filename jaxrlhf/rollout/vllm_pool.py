@@ -12,15 +12,23 @@ NCCL sender, so the trainer process never pays for importing vLLM on the Ray pat
   engine served it. Logprobs are vLLM's ``processed_logprobs``: the log-softmax of the temperature-scaled logits,
   which is exactly the protocol's definition whenever top-k / top-p are off (with them on, it is the log-probability
   under the truncated distribution the token was drawn from).
-- ``update_weights``: takes ``(hf_name, array)`` pairs from ``converters.hf.hf_tensors`` (the converters' one mapping
-  table; no second table here), casts them to the engines' dtype and ships them in buckets of ``bucket_mb``:
+- ``update_weights``: takes ``(hf_name, array, transposed)`` entries from ``converters.hf.hf_entries`` (the
+  converters' one mapping table; no second table here; ``(hf_name, array)`` pairs in HF layout also work), casts
+  them to the engines' dtype on the trainer's devices and ships them in buckets of ``bucket_mb``. Nothing is
+  transposed on the trainer: a bucket carries each tensor in Flax layout with a flag, and the engine loads the
+  transposed view, so the transpose happens inside the copy into its parameters that it makes anyway.
 
-  * ``sync_backend="ray"`` (any machine; the one tested here): each bucket is one flat byte buffer put once in the
-    Ray object store and read by every engine (zero-copy on one node). Engines load it in place through
-    ``WorkerExtension`` (vLLM's ``worker_extension_cls``, reached with ``collective_rpc``): vLLM's layerwise reload
-    lifecycle, started once per sync, ``model.load_weights`` per bucket, finalized once, so a bucket may split the
-    parts of a fused vLLM module (q/k/v, gate/up) freely. The prefix cache is reset after every sync. The buckets
-    of the latest sync stay in the object store so an engine restarted by Ray is brought up to date before use.
+  * ``sync_backend="ray"`` (any machine; the one tested here). Engines on the trainer's node (the usual case, and
+    every engine here) read the buckets from shared memory: one file per bucket in ``/dev/shm``, written in place
+    by every sync straight from the parameters' device shards (one copy; no page faults after the first sync) and
+    mapped by the engines (zero-copy reads). The engines load bucket k while the trainer writes bucket k+1.
+    Engines on other nodes get each bucket as one flat byte buffer put once in the Ray object store. Either way
+    they load in place through ``WorkerExtension`` (vLLM's ``worker_extension_cls``, reached with
+    ``collective_rpc``): vLLM's layerwise reload lifecycle, started once per sync, ``model.load_weights`` per
+    bucket, finalized once, so a bucket may split the parts of a fused vLLM module (q/k/v, gate/up) freely. The
+    prefix cache is reset after every sync. The buckets of the latest sync stay (files / object store: one copy of
+    the model in the engine dtype, in host RAM) so an engine restarted by Ray is brought up to date before use.
+    Measured on the real 135M model, fp32, one CPU engine: ``scripts/bench_rollout.py --model DIR``.
   * ``sync_backend="nccl"`` (GPU clusters): vLLM's own NCCL weight-transfer engine on the workers
     (``weight_transfer_config={"backend": "nccl"}``; ``init_weight_transfer_engine`` / ``start_weight_update`` /
     ``update_weights`` / ``finish_weight_update``), fed from this process as NCCL rank 0 of a stateless group,
@@ -76,7 +84,8 @@ class PoolConfig:
         RAM); on GPUs 0 lets vLLM size the cache from gpu_memory_utilization.
     enable_prefix_caching / enforce_eager: vLLM's switches. max_model_len: longest prompt + response.
     eos_token_ids: ids that end a sample (passed as stop ids, the engines skip tokenizer loading).
-    sync_backend: "ray" (object store) or "nccl" (GPU clusters). bucket_mb: broadcast bucket size.
+    sync_backend: "ray" (shared memory on the trainer's node, else the object store) or "nccl" (GPU clusters).
+    bucket_mb: broadcast bucket size. shared_memory: False sends every bucket through the object store.
     request_timeout_s: longest wait for one engine's answer before TimeoutError.
     ray_address: join this Ray cluster; None starts a local one (and shuts it down on close).
     max_restarts: how often Ray restarts a dead engine actor.
@@ -96,6 +105,7 @@ class PoolConfig:
     seed: int = 0
     sync_backend: SyncBackend = "ray"
     bucket_mb: int = 256
+    shared_memory: bool = True
     request_timeout_s: float = 600.0
     ray_address: Optional[str] = None
     max_restarts: int = 3
@@ -133,24 +143,48 @@ class WorkerExtension:
         self.model_runner.get_model().load_weights(iter(named_tensors))
         return len(named_tensors)
 
+    def jaxrlhf_load_file(self, path: str, entries: list) -> int:
+        """Load a bucket the trainer wrote to the shared-memory file ``path`` (mapped once, read in place)."""
+        maps = self.__dict__.setdefault("_jaxrlhf_maps", {})
+        if path not in maps:
+            for old in [p for p in maps if not os.path.exists(p)]:  # replaced by a larger file: drop the mapping
+                maps.pop(old)
+            maps[path] = _map_file(path, write=False)
+        return self.jaxrlhf_load(_bucket_tensors(maps[path], entries))
+
     def jaxrlhf_finish_sync(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.vllm_config.model_config)
 
 
-def _bucket_tensors(bucket: dict) -> list:
-    """A bucket (see ``_pack``) as ``(name, torch.Tensor)`` views of its buffer."""
+def _bucket_tensors(buf, entries: list) -> list:
+    """A bucket's ``(name, dtype name, shape, offset, transposed)`` entries (``_layout``) as ``(name, tensor)`` views
+    of ``buf``, in HF layout (a transposed entry is a transposed view: the engine's copy into its parameter does
+    the transpose)."""
     import torch
 
-    buf, out = bucket["data"], []
-    with warnings.catch_warnings():  # object-store buffers are read-only; load_weights only reads them
+    out = []
+    with warnings.catch_warnings():  # shared buffers are read-only; load_weights only reads them
         warnings.simplefilter("ignore", UserWarning)
-        for name, dtype, shape, offset in bucket["entries"]:
-            tdtype = getattr(torch, dtype)
+        for name, dtype, shape, offset, transposed in entries:
             count = int(np.prod(shape, dtype=np.int64))
-            out.append((name, torch.frombuffer(buf, dtype=tdtype, count=count, offset=offset).view(shape)))
+            t = torch.frombuffer(buf, dtype=getattr(torch, dtype), count=count, offset=offset).view(shape)
+            out.append((name, t.t() if transposed else t))
     return out
+
+
+def _map_file(path: str, *, write: bool, size: int = 0):
+    """``mmap`` of a shared-memory file, its pages mapped up front (MAP_POPULATE where the OS has it)."""
+    import mmap
+
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+    fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
+    finally:
+        os.close(fd)
 
 
 class _EngineActor:
@@ -178,6 +212,9 @@ class _EngineActor:
     def ready(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def generate(self, prompts: list[list[int]], sampling: dict, seeds: list[int]) -> list:
         from vllm import SamplingParams as VSP
         from vllm.inputs import TokensPrompt
@@ -195,7 +232,11 @@ class _EngineActor:
         self.llm.collective_rpc("jaxrlhf_begin_sync")
 
     def load_bucket(self, bucket: dict) -> int:
-        return sum(self.llm.collective_rpc("jaxrlhf_load", args=(_bucket_tensors(bucket),)))
+        return sum(self.llm.collective_rpc("jaxrlhf_load", args=(_bucket_tensors(bucket["data"],
+                                                                                 bucket["entries"]),)))
+
+    def load_file(self, path: str, entries: list) -> int:
+        return sum(self.llm.collective_rpc("jaxrlhf_load_file", args=(path, entries)))
 
     def finish_sync(self) -> None:
         self.llm.collective_rpc("jaxrlhf_finish_sync")
@@ -213,16 +254,107 @@ class _EngineActor:
 
 
 # ---------------------------------------------------------------- the pool (trainer side)
-def _pack(items: list[tuple[str, np.ndarray]]) -> dict:
-    """Several host tensors as one flat byte buffer plus ``(name, torch dtype name, shape, offset)`` entries."""
-    total = sum(a.nbytes for _, a in items)
-    data = np.empty(total, np.uint8)
+def _as_entries(named: Iterable[tuple], dtype) -> Iterable[tuple[str, Any, bool]]:
+    """``(name, array, transposed)`` in ``dtype``: ``hf_entries`` triples or HF-layout ``(name, array)`` pairs. Device
+    arrays are cast on their devices (asynchronously: a bucket's casts are all dispatched before it is written)."""
+    for item in named:
+        name, a, transposed = item if len(item) == 3 else (*item, False)
+        if np.dtype(a.dtype) != dtype:
+            a = a.astype(dtype)
+        yield name, a, transposed
+
+
+def _layout(items: list[tuple[str, Any, bool]]) -> tuple[list, int]:
+    """``(entries, nbytes)`` of a bucket: ``(name, torch dtype name, shape, offset, transposed)`` per tensor, each at
+    a 64-byte aligned offset of one flat buffer."""
     entries, off = [], 0
-    for name, a in items:
-        data[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-        entries.append((name, a.dtype.name, tuple(a.shape), off))
-        off += a.nbytes
-    return {"data": data, "entries": entries}
+    for name, a, transposed in items:
+        entries.append((name, np.dtype(a.dtype).name, tuple(a.shape), off, transposed))
+        off += -(-a.nbytes // 64) * 64
+    return entries, off
+
+
+def _fill(buf: np.ndarray, entries: list, items: list) -> None:
+    """Write each tensor into its place in ``buf`` (uint8): a device array shard by shard, straight from the device
+    buffers (no gathered copy), a NumPy array with one copy."""
+    for (_, dtype, shape, off, _), (_, a, _) in zip(entries, items):
+        dst = buf[off:off + a.nbytes].view(np.dtype(a.dtype)).reshape(shape)
+        shards = getattr(a, "addressable_shards", None)
+        if shards is None:
+            np.copyto(dst, a)
+            continue
+        for s in shards:
+            if s.replica_id == 0:
+                dst[s.index] = np.asarray(s.data)
+
+
+class _SharedFiles:
+    """The trainer's side of the same-node transport: one file per bucket in ``/dev/shm`` (RAM), mapped once and
+    rewritten in place by every sync. Space is reserved with ``posix_fallocate`` when a file is made, so a full
+    ``/dev/shm`` is a clear error (the pool then falls back to the object store), never a SIGBUS mid-write. Files
+    left by a killed trainer (its pid in the name, no longer alive) are removed when a pool starts."""
+
+    DIR, PREFIX = "/dev/shm", "jaxrlhf-sync-"
+
+    def __init__(self):
+        self.tag = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.files: list[tuple[str, Any]] = []  # per bucket: (path, mmap)
+        self._made = 0
+        self.remove_orphans()
+
+    @classmethod
+    def available(cls) -> bool:
+        return os.path.isdir(cls.DIR) and os.access(cls.DIR, os.W_OK)
+
+    @classmethod
+    def remove_orphans(cls) -> None:
+        for fn in os.listdir(cls.DIR):
+            if fn.startswith(cls.PREFIX):
+                pid = fn[len(cls.PREFIX):].split("-", 1)[0]
+                if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                    try:
+                        os.unlink(os.path.join(cls.DIR, fn))
+                    except OSError:
+                        pass
+
+    def buffer(self, k: int, nbytes: int) -> tuple[str, np.ndarray]:
+        """``(path, uint8 view)`` of bucket ``k``'s file, (re)made when it is missing or too small."""
+        if k < len(self.files) and len(self.files[k][1]) >= nbytes:
+            path, mm = self.files[k]
+            return path, np.frombuffer(mm, np.uint8, count=nbytes)
+        path = os.path.join(self.DIR, f"{self.PREFIX}{self.tag}-{k}-{self._made}")
+        self._made += 1
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise OSError(f"{self.DIR} cannot hold a {nbytes >> 20} MiB weight-sync bucket ({e.strerror}): enlarge it "
+                          f"(docker: --shm-size) or lower --weight_sync_bucket_mb") from None
+        os.close(fd)
+        if k < len(self.files):
+            self._drop(*self.files[k])
+            self.files[k] = (path, _map_file(path, write=True, size=nbytes))
+        else:
+            self.files.append((path, _map_file(path, write=True, size=nbytes)))
+        return path, np.frombuffer(self.files[k][1], np.uint8, count=nbytes)
+
+    @staticmethod
+    def _drop(path: str, mm) -> None:
+        try:
+            mm.close()
+        except BufferError:  # a view is still alive somewhere: the mapping goes when it does
+            pass
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for path, mm in self.files:
+            self._drop(path, mm)
+        self.files = []
 
 
 def _on_gpu() -> bool:
@@ -256,6 +388,8 @@ class VLLMPool:
                                f"--vllm_tensor_parallel_size, or add nodes") from None
         actor_cls = ray.remote(_EngineActor)
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+        if not on_gpu:  # Ray would pin a 1-CPU actor to one thread; the trainer waits while the engines generate
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.num_engines))
         plain = dataclasses.asdict(cfg)
         self._actors = []
         for i, pg in enumerate(self._pgs):
@@ -268,7 +402,8 @@ class VLLMPool:
                     placement_group_capture_child_tasks=True)).remote(i, plain, on_gpu))
         self.pids: list[Optional[int]] = [None] * cfg.num_engines
         self._down: dict[int, Any] = {}  # engine -> pending ready() ref while Ray restarts it
-        self._weights: list = []  # object refs of the latest ray-backend sync (to bring restarted engines up)
+        self._weights: list = []  # (actor method, args) per bucket of the latest ray-backend sync (restarts)
+        self._files: Optional[_SharedFiles] = None  # same-node buckets (created at the first sync)
         self._stale: set[int] = set()  # restarted under the NCCL backend, waiting for the next sync
         self._nccl: Optional[_NcclSender] = None
         t0 = time.perf_counter()
@@ -322,7 +457,8 @@ class VLLMPool:
         return vsp, [(sampling.seed + i * sampling.n) % 2**63 for i in range(len(prompt_token_ids))]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> dict:
-        """Broadcast ``(hf_name, array)`` pairs to every live engine; returns {"bytes", "seconds", "buckets"}."""
+        """Broadcast ``hf_entries`` (or HF-layout pairs) to every live engine; returns {"bytes", "seconds", "buckets",
+        "write_seconds"}: the last is the trainer's part (every bucket written; the engines' loading overlaps it)."""
         t0 = time.perf_counter()
         if self.cfg.sync_backend == "nccl":
             engines = self._live(include_stale=True)
@@ -333,9 +469,10 @@ class VLLMPool:
                 self._nccl = _NcclSender(self, engines)
             nbytes, nb = self._nccl.send(named_tensors)
             self._stale.clear()
+            written = time.perf_counter()
         else:
-            nbytes, nb = self._sync_ray(named_tensors)
-        return {"bytes": nbytes, "seconds": time.perf_counter() - t0, "buckets": nb}
+            nbytes, nb, written = self._sync_host(named_tensors)
+        return {"bytes": nbytes, "seconds": time.perf_counter() - t0, "buckets": nb, "write_seconds": written - t0}
 
     def close(self) -> None:
         for a in getattr(self, "_actors", []):
@@ -344,31 +481,60 @@ class VLLMPool:
             except Exception:  # already gone
                 pass
         self._actors = []
+        if self._files is not None:
+            self._files.close()
+            self._files = None
         self._teardown()
 
     # -------------------------------------------------------- weights
-    def _sync_ray(self, named_tensors) -> tuple[int, int]:
+    def _shared_files(self, live: list[int]) -> Optional[_SharedFiles]:
+        """The same-node transport when every live engine runs on this node and /dev/shm is usable, else None."""
+        if not self.cfg.shared_memory or not _SharedFiles.available():
+            return None
+        here = ray.get_runtime_context().get_node_id()
+        if any(self._get(e, self._actors[e].node_id.remote(), what="node query") != here for e in live):
+            return None
+        if self._files is None:
+            self._files = _SharedFiles()
+            print(f"[vllm] weight sync through shared memory ({_SharedFiles.DIR}: the engines share this node)",
+                  file=sys.stderr)
+        return self._files
+
+    def _sync_host(self, named_tensors) -> tuple[int, int, float]:
+        """The ``ray`` backend (module docstring): bucket k is written (shared-memory file or object store) while the
+        engines load bucket k-1; every engine's calls run in order, and all are waited for at the end. Returns
+        (bytes, buckets, the clock when the last bucket was written)."""
         live = self._live()
         dtype = np.dtype(_DTYPES[self.cfg.dtype]) if self.cfg.dtype != "bfloat16" else _bf16()
+        files = self._shared_files(live)
         calls = {e: [self._actors[e].begin_sync.remote()] for e in live}  # per engine, in the order they run
-        refs, nbytes = [], 0
-        for items in _buckets(((n, np.asarray(a).astype(dtype, copy=False)) for n, a in named_tensors),
-                              self.cfg.bucket_mb << 20):
-            ref = ray.put(_pack(items))
-            refs.append(ref)
-            nbytes += sum(a.nbytes for _, a in items)
+        loads, nbytes = [], 0
+        for k, items in enumerate(_buckets(_as_entries(named_tensors, dtype), self.cfg.bucket_mb << 20)):
+            entries, size = _layout(items)
+            if files is not None:
+                path, buf = files.buffer(k, size)
+                _fill(buf, entries, items)
+                loads.append(("load_file", (path, entries)))
+            else:
+                buf = np.empty(size, np.uint8)
+                _fill(buf, entries, items)
+                loads.append(("load_bucket", (ray.put({"data": buf, "entries": entries}),)))
+            del buf
+            nbytes += sum(a.nbytes for _, a, _ in items)
             for e in live:
-                calls[e].append(self._actors[e].load_bucket.remote(ref))
+                method, args = loads[-1]
+                calls[e].append(getattr(self._actors[e], method).remote(*args))
+        written = time.perf_counter()
         for e in live:
             calls[e].append(self._actors[e].finish_sync.remote())
-        self._weights = refs
+        self._weights = loads
         for e, engine_calls in calls.items():
             try:
                 for ref in engine_calls:  # a failed bucket load raises here, not just a failed finish
                     self._get(e, ref, what="weight sync")
             except RayActorError:
                 self._mark_down(e)  # brought up to date from self._weights once Ray has restarted it
-        return nbytes, len(refs)
+        return nbytes, len(loads), written
 
     def _bring_up(self, e: int) -> None:
         """Give a restarted engine the latest weights before it serves again."""
@@ -377,7 +543,8 @@ class VLLMPool:
             return
         if self._weights:
             a = self._actors[e]
-            refs = [a.begin_sync.remote()] + [a.load_bucket.remote(r) for r in self._weights] + [a.finish_sync.remote()]
+            refs = [a.begin_sync.remote()] + [getattr(a, method).remote(*args) for method, args in self._weights] + \
+                [a.finish_sync.remote()]
             for r in refs:
                 self._get(e, r, what="weight restore")
 
@@ -456,12 +623,12 @@ def _bf16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _buckets(named: Iterable[tuple[str, Any]], limit: int):
-    """Consecutive lists of ``(name, array)`` pairs, each closed once it holds ``limit`` bytes or more."""
+def _buckets(named: Iterable[tuple], limit: int):
+    """Consecutive lists of ``(name, array, ...)`` tuples, each closed once it holds ``limit`` bytes or more."""
     items, size = [], 0
-    for name, a in named:
-        items.append((name, a))
-        size += a.nbytes
+    for item in named:
+        items.append(item)
+        size += item[1].nbytes
         if size >= limit:
             yield items
             items, size = [], 0
@@ -489,7 +656,7 @@ class _NcclSender:
     the workers receive it in vLLM's NCCL weight-transfer engine (unpacked mode: one broadcast per tensor, in the
     order announced by that bucket's ``update_info``) and load it through the same layerwise reload as the Ray path.
     At most one bucket is held on the sending GPU. Arrays must be addressable by this process: on several hosts the
-    caller passes ``hf_tensors(..., host=True)``, whose per-tensor gather every process joins (as PPO does).
+    caller passes ``converters.hf.hf_entries``, whose per-tensor gather every process joins (as PPO does).
 
     Verified: nothing here ran (this project's machines have no GPU). The worker side it drives is vLLM 0.32's
     ``vllm/distributed/weight_transfer/nccl_engine.py`` (``NCCLWeightTransferEngine``). Check on GPUs with the slow
@@ -531,7 +698,8 @@ class _NcclSender:
         stream = torch.cuda.current_stream()
         self._wait(self._call_all("start_weight_update"), "NCCL weight sync")
         nbytes = buckets = 0
-        on_gpu = ((n, jax.device_put(jax.numpy.asarray(a, jdtype), dev)) for n, a in named_tensors)
+        on_gpu = ((n, jax.device_put(jax.numpy.asarray(a.T if t else a, jdtype), dev))
+                  for n, a, t in _as_entries(named_tensors, np.dtype(jdtype)))
         for bucket in _buckets(on_gpu, self.pool.cfg.bucket_mb << 20):
             info = dict(names=[n for n, _ in bucket], dtype_names=[self.pool.cfg.dtype] * len(bucket),
                         shapes=[list(t.shape) for _, t in bucket])
