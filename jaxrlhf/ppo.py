@@ -183,7 +183,8 @@ def main(cfg: PPOConfig) -> dict:
                 state, train_metrics = ppo_update(
                     state, exp, actor_step=p.actor_step if train_actor else None, critic_step=p.critic_step,
                     train_batch_size=cfg.train_batch_size, micro_batch=cfg.micro_train_batch_size * p.dp,
-                    max_epochs=cfg.max_epochs, seed=cfg.seed, use_kl_loss=cfg.use_kl_loss, timer=timer)
+                    max_epochs=cfg.max_epochs, seed=cfg.seed, use_kl_loss=cfg.use_kl_loss, on_policy=p.on_policy,
+                    timer=timer)
             if train_actor:
                 with timer("sync"):
                     pending.update(p.client.sync(state.actor))

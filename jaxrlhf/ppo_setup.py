@@ -24,6 +24,7 @@ class Parts:
     batches: Any  # BatchIterator over prompt indices (its position is checkpointed)
     total_steps: int
     updates_per_step: int
+    on_policy: bool  # the update computes the old log-probs itself (ppo_step.policy_loss_fn): no actor forward
     dp: int
     model_cfg: Any
     tokenizer: Any
@@ -103,6 +104,12 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     batches = BatchIterator(len(data), cfg.rollout_batch_size, seed=cfg.seed)
     total_steps = total_steps_of(batches.batches_per_epoch, cfg.num_episodes, cfg.max_steps)
     updates_per_step = cfg.max_epochs * cfg.rollout_batch_size * cfg.n_samples_per_prompt // cfg.train_batch_size
+    # One update per rollout and no reference (no KL term needs them): the old log-probs are the update's own.
+    on_policy = updates_per_step == 1 and not cfg.needs_reference
+    if on_policy:
+        print("[ppo] on-policy: one optimizer update per rollout and no reference model, so the old log-probs are "
+              "taken from the update's own forward (stop-gradient; same gradient) and the experience pass skips "
+              "the actor", file=sys.stderr)
 
     actor = from_pretrained(cfg.pretrain, mesh=mesh, dtype=jnp.float32, head="lm", remat=cfg.gradient_checkpointing)
     model_cfg = actor.cfg
@@ -127,7 +134,7 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
 
     steps = _compile(cfg, mesh=mesh, ref_mesh=meshes.get("ref"), actor=(actor_def, actor_params),
                      ref=(ref_def, ref_params), critic=(critic_def, critic_params), compute_dtype=compute_dtype,
-                     total_updates=max(1, total_steps * updates_per_step))
+                     total_updates=max(1, total_steps * updates_per_step), on_policy=on_policy)
     if ref_params is not None and cfg.ref_offload:
         ref_params = placement.offload(ref_params)
     client = _client(cfg, actor, tokenizer, mesh, data, probe_forward=steps.pop("probe"), chunk=(
@@ -137,13 +144,14 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     state = PPOState(actor=actor_params, actor_opt=steps.pop("actor_opt"), critic=critic_params,
                      critic_opt=steps.pop("critic_opt"), kl_coef=cfg.init_kl_coef)
     ckpt, logger, state, fingerprint = _resume(cfg, run, state, batches, data, total_steps)
-    return Parts(data=data, batches=batches, total_steps=total_steps, updates_per_step=updates_per_step, dp=dp,
+    return Parts(data=data, batches=batches, total_steps=total_steps, updates_per_step=updates_per_step,
+                 on_policy=on_policy, dp=dp,
                  model_cfg=model_cfg, tokenizer=tokenizer, state=state, ref_params=ref_params,
                  reward_models=reward_models, remote_reward=remote_reward, client=client, ckpt=ckpt, logger=logger,
                  fingerprint=fingerprint, **steps)
 
 
-def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_updates: int) -> dict:
+def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_updates: int, on_policy: bool) -> dict:
     """The jitted pieces: actor/critic train steps and their optimizer states, the frozen forwards, the probe."""
     from jaxrlhf.train import ppo_step
     from jaxrlhf.train.optim import make_optimizer
@@ -153,7 +161,8 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
     policy_loss = ppo_step.policy_loss_fn(temperature=cfg.temperature, eps_clip_low=eps_low,
                                           eps_clip_high=eps_high, dual_clip=cfg.dual_clip,
                                           entropy_coef=cfg.entropy_coef, use_kl_loss=cfg.use_kl_loss,
-                                          kl_estimator=cfg.kl_estimator, chunk=cfg.logits_chunk_size)
+                                          kl_estimator=cfg.kl_estimator, chunk=cfg.logits_chunk_size,
+                                          on_policy=on_policy)
     logprobs = ppo_step.logprob_fn(temperature=cfg.temperature, chunk=cfg.logits_chunk_size)
 
     def trainer(graphdef, params, loss_fn, lr):
@@ -170,7 +179,8 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
                                                                    cfg.actor_learning_rate)
     # The experience pass: the roles on the main mesh in ONE program per micro-batch (one dispatch, one transfer
     # of the results); a reference on its own --ref_mesh in a second one. Only shapes/shardings are kept here.
-    defs, fns, shapes = {"old_logp": actor_def}, {"old_logp": logprobs}, {"old_logp": actor_params}
+    defs, fns, shapes = ({}, {}, {}) if on_policy else ({"old_logp": actor_def}, {"old_logp": logprobs},
+                                                        {"old_logp": actor_params})
     if ref_params is not None and ref_mesh is None:
         defs["ref_logp"], fns["ref_logp"], shapes["ref_logp"] = ref_def, logprobs, _abstract(ref_params)
     if critic_params is not None:
@@ -179,7 +189,7 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
             cfg.critic_learning_rate)
         defs["values"], fns["values"], shapes["values"] = critic_def, ppo_step.value_fn(), _abstract(critic_params)
     out["forwards"] = [(tuple(defs), make_forward(defs, _each(fns), params=shapes, mesh=mesh,
-                                                  compute_dtype=compute_dtype))]
+                                                  compute_dtype=compute_dtype))] if defs else []
     if ref_params is not None and ref_mesh is not None:  # --ref_mesh: compiled for its own mesh
         out["forwards"].append((("ref_logp",), make_forward(
             {"ref_logp": ref_def}, _each({"ref_logp": logprobs}), params={"ref_logp": _abstract(ref_params)},
@@ -277,7 +287,7 @@ def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labe
         reward, stats = running_normalize(raw, stats)
     exp = make_experience(
         rollout.sequences, rollout.attention_mask, rollout.rollout_logp, prompt_len=rollout.prompt_len,
-        old_logp=outs["old_logp"], ref_logp=outs.get("ref_logp"), values=outs.get("values"), raw_reward=raw,
+        old_logp=outs.get("old_logp"), ref_logp=outs.get("ref_logp"), values=outs.get("values"), raw_reward=raw,
         reward=reward, estimator=cfg.advantage_estimator, n_samples=cfg.n_samples_per_prompt, kl_coef=state.kl_coef,
         kl_estimator=cfg.kl_estimator, use_kl_loss=cfg.use_kl_loss, reward_clip_range=cfg.reward_clip_range,
         gamma=cfg.gamma, lambd=cfg.lambd, std_norm=not cfg.no_advantage_std_norm, info=info)

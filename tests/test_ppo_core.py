@@ -124,6 +124,33 @@ def test_ppo_update_split_and_frozen_actor(tiny):
     assert frozen.actor is state.actor
 
 
+def test_on_policy_update_equals_one_with_a_separate_old_logp_forward(tiny):
+    """One update per rollout: old log-probs taken from the update's own forward (stop-gradient) give the update a
+    separate forward's old log-probs give (fp32, 1e-6), and the drift metrics match NumPy on transformers'."""
+    root, lm, _ = tiny
+    mesh = make_mesh("4x2")
+    exp = hand_made_experience(2)
+    args = dict(temperature=1.0, eps_clip_low=0.2, eps_clip_high=0.2, dual_clip=None, entropy_coef=0.0,
+                use_kl_loss=False, kl_estimator="k1")
+    exp.old_logp = torch_outputs(lm, exp, score=False)  # the policy before the update, as the experience pass has it
+    results = []
+    for on_policy in (False, True):
+        step, params, opt = trainer(root / "lm", ppo_step.policy_loss_fn(**args, on_policy=on_policy), head="lm",
+                                    mesh=mesh)
+        new, m = ppo_step.ppo_update(ppo_step.PPOState(actor=params, actor_opt=opt), exp, actor_step=step,
+                                     critic_step=None, train_batch_size=B, micro_batch=4, max_epochs=1, seed=0,
+                                     use_kl_loss=False, on_policy=on_policy)
+        results.append((jax.tree_util.tree_map(np.asarray, new.actor), m))
+    (off, m_off), (on, m_on) = results
+    for a, b in zip(jax.tree_util.tree_leaves(off), jax.tree_util.tree_leaves(on)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert math.isclose(m_on["actor/policy_loss"], m_off["actor/policy_loss"], rel_tol=1e-5, abs_tol=1e-7)
+    assert m_on["actor/clip_frac"] == 0.0 and m_on["actor/approx_kl"] == 0.0
+    drift = np.abs(exp.rollout_logp - exp.old_logp)[exp.action_mask > 0]
+    assert math.isclose(m_on["rollout/logprob_diff_mean"], drift.mean(), rel_tol=1e-5)
+    assert math.isclose(m_on["rollout/logprob_diff_max"], drift.max(), rel_tol=1e-5)
+
+
 def test_ppo_state_checkpoint_round_trip():
     state = ppo_step.PPOState(actor={"w": 1}, actor_opt={"m": 2}, step=5, kl_coef=0.3,
                               reward_stats={"count": 4.0, "mean": 1.0, "m2": 2.0})

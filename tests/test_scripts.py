@@ -21,6 +21,19 @@ SHELL = sorted(p for p in SCRIPTS.iterdir() if p.suffix in (".sh", ".sbatch"))
 PYTHON = sorted(SCRIPTS.glob("*.py"))
 
 
+def test_gpu_benchmark_runs(tmp_path):
+    """scripts/bench_gpu.py runs on a GPU machine without this project installed; here its 2-layer smoke run."""
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench_gpu.py"), "--tiny", "--batch", "2", "--prompt", "16",
+                        "--response", "16", "--steps", "1", "--sample_batch", "2", "--sample_tokens", "4",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""})  # one CPU device
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["train_remat_off"]["s_per_step"] > 0 and res["train_remat_on"]["s_per_step"] > 0
+    assert res["sampler_tokens_per_s"] > 0 and 0 <= res["drift"]["logp_absdiff_max"] < 1.0
+
+
 def test_there_are_cluster_jobs():
     names = {p.name for p in SHELL}
     assert {"slurm_ppo.sbatch", "ray_cluster.sh", "ray_ppo_job.sh", "tpu_pod_ppo.sh", "convert_70b.sbatch"} <= names

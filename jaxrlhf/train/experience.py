@@ -29,7 +29,7 @@ class Experience:
     action_mask: np.ndarray  # [B, R] float32: 1 on generated tokens
     prompt_len: int  # P
     rollout_logp: np.ndarray  # [B, R] the engine's log-probs
-    old_logp: np.ndarray  # [B, R] the trainer's actor before the update
+    old_logp: np.ndarray | None  # [B, R] the trainer's actor before the update (None: on-policy, ppo_step)
     ref_logp: np.ndarray  # [B, R] the reference (zeros without one)
     values: np.ndarray  # [B, R] the critic's (zeros without one)
     reward: np.ndarray  # [B] the raw reward, before normalisation and shaping
@@ -114,7 +114,7 @@ def running_normalize(reward: np.ndarray, stats: Mapping[str, float]) -> tuple[n
 
 
 def make_experience(sequences: np.ndarray, attention_mask: np.ndarray, rollout_logp: np.ndarray, *, prompt_len: int,
-                    old_logp: np.ndarray, ref_logp: np.ndarray | None, values: np.ndarray | None,
+                    old_logp: np.ndarray | None, ref_logp: np.ndarray | None, values: np.ndarray | None,
                     raw_reward: np.ndarray, reward: np.ndarray, estimator: str, n_samples: int, kl_coef: float,
                     kl_estimator: str, use_kl_loss: bool, reward_clip_range: tuple[float, float], gamma: float,
                     lambd: float, std_norm: bool, info: dict | None = None) -> Experience:
@@ -126,14 +126,14 @@ def make_experience(sequences: np.ndarray, attention_mask: np.ndarray, rollout_l
     from jaxrlhf import losses
 
     action_mask = attention_mask[:, prompt_len:].astype(np.float32)
-    kl = np.zeros_like(old_logp) if ref_logp is None else np.asarray(
+    kl = np.zeros_like(rollout_logp) if ref_logp is None else np.asarray(
         losses.kl_estimate(jnp.asarray(old_logp), jnp.asarray(ref_logp), kl_estimator)) * action_mask
     advantages, returns = adv.estimate(
         estimator, jnp.asarray(reward), jnp.asarray(kl), jnp.asarray(action_mask),
         None if values is None else jnp.asarray(values), n_samples=n_samples,
         kl_coef=0.0 if use_kl_loss else kl_coef, reward_clip_range=tuple(reward_clip_range), gamma=gamma,
         lambd=lambd, std_norm=std_norm)
-    zeros = np.zeros_like(old_logp)
+    zeros = np.zeros_like(rollout_logp)
     return Experience(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
                       prompt_len=prompt_len, rollout_logp=rollout_logp, old_logp=old_logp,
                       ref_logp=zeros if ref_logp is None else ref_logp, values=zeros if values is None else values,
@@ -145,10 +145,12 @@ def experience_metrics(exp: Experience) -> dict[str, float]:
     """What the loop logs about a rollout batch (OpenRLHF's names where it has them)."""
     mask = exp.action_mask
     n_tok = max(mask.sum(), 1.0)
-    drift = np.abs(exp.rollout_logp - exp.old_logp)[mask > 0]
-    return {"reward": float(exp.reward.mean()), "kl": float((exp.kl * mask).sum() / n_tok),
+    out = {}
+    if exp.old_logp is not None:  # on-policy updates log the drift from their own forward (ppo_step)
+        drift = np.abs(exp.rollout_logp - exp.old_logp)[mask > 0]
+        out = {"rollout/logprob_diff_mean": float(drift.mean()), "rollout/logprob_diff_max": float(drift.max())}
+    return {**out, "reward": float(exp.reward.mean()), "kl": float((exp.kl * mask).sum() / n_tok),
             "response_length": float(mask.sum(1).mean()), "return": float(exp.returns[:, 0].mean()),
             "advantage_abs": float(np.abs(exp.advantages).sum() / n_tok),
-            "rollout/logprob_diff_mean": float(drift.mean()), "rollout/logprob_diff_max": float(drift.max()),
             "shape/prompt_len": exp.prompt_len, "shape/response_len": mask.shape[1],
             **{f"reward/{k}": v for k, v in exp.info.items()}}

@@ -63,20 +63,36 @@ def probe_fn() -> Callable:
 
 
 def policy_loss_fn(*, temperature: float, eps_clip_low: float, eps_clip_high: float, dual_clip: Optional[float],
-                   entropy_coef: float, use_kl_loss: bool, kl_estimator: str, chunk: int = 128) -> Callable:
+                   entropy_coef: float, use_kl_loss: bool, kl_estimator: str, chunk: int = 128,
+                   on_policy: bool = False) -> Callable:
     """The actor's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``old_logp``, ``advantages`` and, with
-    ``use_kl_loss``, ``ref_logp`` and ``kl_coef``. ``chunk``: response positions per chunk of the LM head."""
+    ``use_kl_loss``, ``ref_logp`` and ``kl_coef``. ``chunk``: response positions per chunk of the LM head.
+
+    ``on_policy``: the rollout trains exactly one optimizer update, so the policy that made the experience is the
+    one being differentiated and ``old_logp`` equals this forward's own log-probs: it is taken from them
+    (stop-gradient; ratio 1, the same gradient as a separate forward gives, as TRL does with one iteration) and the
+    experience pass skips the actor. ``b`` then has ``rollout_logp`` instead, for the engine-vs-trainer drift
+    metrics ``rollout/logprob_diff_mean`` / ``_max``.
+    """
+    import jax
+    import jax.numpy as jnp
+
     from jaxrlhf import losses
 
     def fn(model, b):
         logp, entropy = response_logprobs(model, b, temperature=temperature, chunk=chunk,
                                           with_entropy=bool(entropy_coef))
         mask, n = b["action_mask"], b["num_tokens"]
-        pg_bt, clipped_bt = losses.ppo_policy_loss(logp, b["old_logp"], b["advantages"], eps_clip_low=eps_clip_low,
+        old_logp = jax.lax.stop_gradient(logp) if on_policy else b["old_logp"]
+        pg_bt, clipped_bt = losses.ppo_policy_loss(logp, old_logp, b["advantages"], eps_clip_low=eps_clip_low,
                                                    eps_clip_high=eps_clip_high, dual_clip=dual_clip)
         loss = losses.token_mean_over_batch(pg_bt, mask, n)
         metrics = {"policy_loss": loss, "clip_frac": losses.token_mean_over_batch(clipped_bt, mask, n),
-                   "approx_kl": losses.token_mean_over_batch(b["old_logp"] - logp, mask, n)}
+                   "approx_kl": losses.token_mean_over_batch(old_logp - logp, mask, n)}
+        if on_policy:
+            drift_bt = jnp.abs(b["rollout_logp"] - jax.lax.stop_gradient(logp))
+            metrics["rollout/logprob_diff_mean"] = losses.token_mean_over_batch(drift_bt, mask, n)
+            metrics["rollout/logprob_diff_max"] = jnp.max(jnp.where(mask > 0, drift_bt, 0.0))
         if entropy_coef:
             ent = losses.token_mean_over_batch(entropy, mask, n)
             loss = loss - entropy_coef * ent
@@ -140,13 +156,14 @@ class PPOState:
 
 def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step: Callable | None,
                train_batch_size: int, micro_batch: int, max_epochs: int, seed: int, use_kl_loss: bool,
-               timer=None) -> tuple[PPOState, dict[str, float]]:
+               on_policy: bool = False, timer=None) -> tuple[PPOState, dict[str, float]]:
     """``max_epochs`` passes over ``exp`` (an ``Experience``) in shuffled ``train_batch_size`` batches, each one
     optimizer update of the actor (``actor_step``; None while the actor is frozen) and of the critic (``critic_step``;
     None without one), accumulated over ``micro_batch``-row micro-batches.
 
-    The order is seeded by ``(seed, state.step)``: a resumed run repeats it. Returns the new state (``step`` not
-    advanced: the loop does that) and the mean of each loss metric over the updates (``actor/...``, ``critic/...``).
+    ``on_policy``: the actor's loss takes its old log-probs from its own forward (``policy_loss_fn``), so the
+    batch carries the rollout's log-probs instead. The order is seeded by ``(seed, state.step)``: a resumed run
+    repeats it. Returns the new state (``step`` not advanced: the loop does that) and the mean of each loss metric over the updates (``actor/...``, ``critic/...``).
     ``timer`` (a ``metrics.PhaseTimer``): each update is waited for inside its phase, ``update_actor`` /
     ``update_critic``, so the seconds are the compute's, not the dispatch's.
     """
@@ -162,7 +179,7 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
     rng = np.random.default_rng([seed, state.step])
     collected: dict[str, list] = {}
     actor, actor_opt, critic, critic_opt = state.actor, state.actor_opt, state.critic, state.critic_opt
-    actor_keys = ("old_logp", "advantages") + (("ref_logp",) if use_kl_loss else ())
+    actor_keys = ("rollout_logp" if on_policy else "old_logp", "advantages") + (("ref_logp",) if use_kl_loss else ())
     for _ in range(max_epochs):
         order = rng.permutation(len(exp))
         for a in range(0, len(exp), train_batch_size):
@@ -186,5 +203,5 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
 
 
 def _collect(into: dict, metrics: dict, prefix: str) -> None:
-    for k, v in metrics.items():
-        into.setdefault(prefix + k, []).append(v)
+    for k, v in metrics.items():  # rollout/* metrics keep their names (the experience pass logs them otherwise)
+        into.setdefault(k if k.startswith("rollout/") else prefix + k, []).append(v)
