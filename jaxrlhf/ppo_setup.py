@@ -311,6 +311,6 @@ def throughput(exp, seconds: dict, *, epochs: int, train_actor: bool) -> dict:
     out = {}
     for key, tokens, phase in (("generate", response, "generate"), ("experience", rows, "experience_forward"),
                                ("train", rows * epochs, "train")):
-        if seconds.get(phase):
+        if seconds.get(phase, 0.0) > 1e-3:  # a phase with no work (on-policy: no experience forward)
             out[f"{key}_tokens_per_s"] = tokens / seconds[phase]
     return out
