@@ -39,11 +39,17 @@ class TensorInfo:
 
 
 def read_header(file: str) -> dict[str, TensorInfo]:
+    """Every tensor's place in ``file``, checked against the file: a header or offsets that point outside it, or a
+    byte range that does not match the tensor's shape and dtype, is an error naming the file and tensor (a corrupt
+    header must never make a reader allocate what it says)."""
     with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         raw = f.read(8)
         if len(raw) != 8:
             raise ValueError(f"{file} is not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise ValueError(f"{file}: corrupt safetensors header (it claims {n} bytes; the file has {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -56,7 +62,13 @@ def read_header(file: str) -> dict[str, TensorInfo]:
         if meta["dtype"] not in DTYPES:
             raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
         start, end = meta["data_offsets"]
-        out[name] = TensorInfo(file, DTYPES[meta["dtype"]], tuple(meta["shape"]), base + start, end - start)
+        dtype, shape = DTYPES[meta["dtype"]], tuple(meta["shape"])
+        want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= start <= end or base + end > size or end - start != want:
+            raise ValueError(f"{file}: tensor {name!r} has corrupt data_offsets [{start}, {end}] (shape {shape} "
+                             f"{meta['dtype']} needs {want} bytes; the data section has {size - base}): the file "
+                             "is damaged or truncated, re-download or re-export it")
+        out[name] = TensorInfo(file, dtype, shape, base + start, end - start)
     return out
 
 
@@ -71,8 +83,18 @@ class SafetensorsDir:
             raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
         index = os.path.join(path, INDEX_NAME)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}): it needs a "
+                                 '"weight_map" of tensor name -> file name') from None
+            root = os.path.realpath(path)
+            for v in set(weight_map.values()):  # only files inside the directory: never an absolute path or ..
+                if not isinstance(v, str) or os.path.isabs(v) or \
+                        os.path.commonpath([root, os.path.realpath(os.path.join(root, v))]) != root:
+                    raise ValueError(f"{index} names {v!r}, outside {path}: refused (an index may only name "
+                                     "files in its own directory)")
             files = sorted({os.path.join(path, v) for v in weight_map.values()})
             for fn in files:
                 if not os.path.isfile(fn):

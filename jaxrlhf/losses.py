@@ -33,6 +33,8 @@ from typing import Literal, Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models.decoder import dense
+
 Array = jax.Array
 ArrayLike = Union[jax.Array, float, int]
 
@@ -168,7 +170,7 @@ def logprobs_from_hidden(h_btd: Array, w_dv: Array, labels_bt: Array, temperatur
     @jax.checkpoint
     def one(args):
         h_bcd, labels_bc = args
-        z = jnp.einsum("bcd,dv->bcv", h_bcd, w, preferred_element_type=jnp.float32) / temperature
+        z = dense(h_bcd, w, out_dtype=jnp.float32) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, labels_bc[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1) if with_entropy else jnp.zeros_like(lse)

@@ -19,6 +19,10 @@ RAY=${RAY:-$REPO/.venv/bin/ray}                  # the venv's ray command (same 
 HEAD_IP=${HEAD_IP:-}                             # the head node's address (workers join it)
 RAY_PORT=${RAY_PORT:-6379}                       # the head's GCS port
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}           # the head's dashboard / job-submission port (ray job submit)
+# The dashboard's job API runs any command it is sent: keep it off the network. Default: loopback only; submit
+# from the head, or through `ssh -L 8265:127.0.0.1:8265 head`. Set it to the head's cluster-internal address only
+# behind a firewall that admits just the cluster. Firewall RAY_PORT and the worker ports to the cluster's nodes too.
+DASHBOARD_HOST=${DASHBOARD_HOST:-127.0.0.1}
 NUM_GPUS=${NUM_GPUS:-8}                          # GPUs this node offers Ray (trainers and vLLM engines share them)
 NUM_CPUS=${NUM_CPUS:-}                           # CPUs this node offers Ray (empty: all)
 EXTRA=${EXTRA:-}                                 # more `ray start` flags, e.g. "--resources='{\"trainer\": 1}'"
@@ -28,7 +32,7 @@ cpus=()
 case "$ROLE" in
   head)
     # shellcheck disable=SC2086
-    "$RAY" start --head --port="$RAY_PORT" --dashboard-host=0.0.0.0 --dashboard-port="$DASHBOARD_PORT" \
+    "$RAY" start --head --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" \
       --num-gpus="$NUM_GPUS" "${cpus[@]}" --disable-usage-stats $EXTRA
     ;;
   worker)

@@ -3,7 +3,8 @@
 # scripts/ray_launch_trainers.py reserves one node of GPUs per JAX trainer process and starts them (joined by
 # jax.distributed through JAXRLHF_* variables); trainer 0 then places the vLLM engines on the cluster's other GPUs.
 #
-#   HEAD_IP=10.0.0.1 bash scripts/ray_ppo_job.sh
+#   bash scripts/ray_ppo_job.sh   (on the head: its job API listens on loopback, see ray_cluster.sh; from elsewhere
+#   tunnel it first: ssh -L 8265:127.0.0.1:8265 HEAD)
 #   JAXRLHF_PRINT_ARGS=1 bash scripts/ray_ppo_job.sh      # print the trainer flags for a --dry_run and stop
 #   python -m jaxrlhf.ppo $(JAXRLHF_PRINT_ARGS=1 bash scripts/ray_ppo_job.sh) --dry_run --device_memory_gb 80
 # Verified by the project: `bash -n` and a --dry_run of this job's trainer flags (tests/test_scripts.py); it has

@@ -148,6 +148,43 @@ def test_pickle_checkpoint_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case, expect", [
+    ("outside", "names '../outside.safetensors', outside"),
+    ("absolute", "names '/etc/outside.safetensors', outside"),
+    ("bad_json", "is not a valid safetensors index"),
+    ("offsets", "has corrupt data_offsets"),
+    ("header", "corrupt safetensors header (it claims"),
+])
+def test_damaged_or_escaping_checkpoints_are_refused(case, expect, tmp_path, capsys):
+    """An index may name only files in its own directory; offsets and header sizes are checked against the file
+    (a corrupt one must not make the reader allocate what it claims)."""
+    src, dst = tmp_path / "hf", tmp_path / "out"
+    save_tiny("llama3", src)
+    f = src / "model.safetensors"
+    if case in ("outside", "absolute", "bad_json"):
+        target = "../outside.safetensors" if case == "outside" else "/etc/outside.safetensors"
+        (tmp_path / "outside.safetensors").write_bytes(f.read_bytes())
+        text = "{not json" if case == "bad_json" else json.dumps(
+            {"weight_map": {n: target for n in load_file(str(f))}})
+        (src / "model.safetensors.index.json").write_text(text)
+    else:
+        raw = bytearray(f.read_bytes())
+        n = int.from_bytes(raw[:8], "little")
+        if case == "header":
+            raw[:8] = (2**50).to_bytes(8, "little")
+        else:  # one tensor claims 1 PiB
+            header = json.loads(raw[8:8 + n])
+            name = next(k for k in header if k != "__metadata__")
+            header[name]["data_offsets"] = [0, 2**50]
+            new = json.dumps(header).encode()
+            raw = bytearray(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+        f.write_bytes(bytes(raw))
+    assert _hf_to_flax(src, dst) == 2
+    err = capsys.readouterr().err
+    assert expect in err and "Traceback" not in err, err
+    assert_nothing_written(str(dst))
+
+
+@pytest.mark.parametrize("case, expect", [
     ("missing", "'model.layers.1.mlp.up_proj.weight' (for model/layers/1/mlp/up_proj/kernel) is missing"),
     ("extra", "unexpected tensor(s) ['model.layers.7.mlp.extra.weight']"),
     ("shape", "'lm_head.weight' has shape (96, 64), the config implies (100, 64)"),

@@ -26,13 +26,23 @@ Cache = dict[str, Any]  # {"k": [L x [B,S,K,E]], "v": [...], "mask": [B,S] int32
 _NEG = -1e30
 
 
+def dense(x_nd, w_dk, *, out_dtype=None):
+    """``x[..., D] @ w[D, K]`` as ONE 2-D GEMM over all leading dims. XLA:CPU runs the backward of a 3-D
+    dot_general (the weight gradient contracts batch and time) at about half the GEMM rate: a Llama MLP's
+    fwd+bwd took 67 ms as 3-D, 35 ms as 2-D (SmolLM2 shapes, 8 x 80 tokens, 2 cores). The reshape is free on every
+    backend and keeps the batch sharding (batch is the leading dim). ``out_dtype``: accumulate/return in it."""
+    d, k = w_dk.shape
+    y = jax.lax.dot_general(x_nd.reshape(-1, d), w_dk, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+    return y.reshape(*x_nd.shape[:-1], k)
+
+
 class Linear(nnx.Module):
     def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs, std: float = 0.02):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
+        y = dense(x, self.kernel[...])
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -228,7 +238,7 @@ class Decoder(nnx.Module):
     def logits(self, h_btd):
         """Vocabulary logits ``[B, T, V]`` in fp32 from hidden states."""
         w = self.head_weight()
-        return jnp.einsum("btd,dv->btv", h_btd, w.astype(h_btd.dtype), preferred_element_type=jnp.float32)
+        return dense(h_btd, w.astype(h_btd.dtype), out_dtype=jnp.float32)
 
     def scores(self, h_btd):
         """Per-token scalar scores ``[B, T]`` in fp32 from hidden states (head "score")."""
