@@ -93,6 +93,8 @@ def test_shared_memory_files_of_dead_trainers_are_removed():
         del buf
         path2, _ = files.buffer(0, 4000)  # grows: a new file replaces the old one
         assert path2 != path and not os.path.exists(path)
+        free = os.statvfs(_SharedFiles.DIR)
+        assert files.buffer(1, free.f_bavail * free.f_frsize + 2**30) is None and files.full  # does not fit
         files.close()
         assert not os.path.exists(path2)
     finally:

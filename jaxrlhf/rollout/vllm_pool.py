@@ -291,8 +291,9 @@ def _fill(buf: np.ndarray, entries: list, items: list) -> None:
 class _SharedFiles:
     """The trainer's side of the same-node transport: one file per bucket in ``/dev/shm`` (RAM), mapped once and
     rewritten in place by every sync. Space is reserved with ``posix_fallocate`` when a file is made, so a full
-    ``/dev/shm`` is a clear error (the pool then falls back to the object store), never a SIGBUS mid-write. Files
-    left by a killed trainer (its pid in the name, no longer alive) are removed when a pool starts."""
+    ``/dev/shm`` (Docker's default is 64 MiB) is never a SIGBUS mid-write: that bucket goes through the object
+    store instead, said once in the log. Files left by a killed trainer (its pid in the name, no longer alive) are
+    removed when a pool starts."""
 
     DIR, PREFIX = "/dev/shm", "jaxrlhf-sync-"
 
@@ -300,6 +301,7 @@ class _SharedFiles:
         self.tag = f"{os.getpid()}-{os.urandom(4).hex()}"
         self.files: list[tuple[str, Any]] = []  # per bucket: (path, mmap)
         self._made = 0
+        self.full = False  # a bucket did not fit (reported once)
         self.remove_orphans()
 
     @classmethod
@@ -317,8 +319,9 @@ class _SharedFiles:
                     except OSError:
                         pass
 
-    def buffer(self, k: int, nbytes: int) -> tuple[str, np.ndarray]:
-        """``(path, uint8 view)`` of bucket ``k``'s file, (re)made when it is missing or too small."""
+    def buffer(self, k: int, nbytes: int) -> tuple[str, np.ndarray] | None:
+        """``(path, uint8 view)`` of bucket ``k``'s file, (re)made when it is missing or too small; None when
+        ``/dev/shm`` cannot hold it."""
         if k < len(self.files) and len(self.files[k][1]) >= nbytes:
             path, mm = self.files[k]
             return path, np.frombuffer(mm, np.uint8, count=nbytes)
@@ -330,8 +333,12 @@ class _SharedFiles:
         except OSError as e:
             os.close(fd)
             os.unlink(path)
-            raise OSError(f"{self.DIR} cannot hold a {nbytes >> 20} MiB weight-sync bucket ({e.strerror}): enlarge it "
-                          f"(docker: --shm-size) or lower --weight_sync_bucket_mb") from None
+            if not self.full:
+                print(f"[vllm] {self.DIR} cannot hold a {nbytes >> 20} MiB weight-sync bucket ({e.strerror}): such "
+                      "buckets go through Ray's object store (slower); enlarge it to hold the model in the engine "
+                      "dtype (docker: --shm-size)", file=sys.stderr)
+            self.full = True
+            return None
         os.close(fd)
         if k < len(self.files):
             self._drop(*self.files[k])
@@ -511,11 +518,12 @@ class VLLMPool:
         loads, nbytes = [], 0
         for k, items in enumerate(_buckets(_as_entries(named_tensors, dtype), self.cfg.bucket_mb << 20)):
             entries, size = _layout(items)
-            if files is not None:
-                path, buf = files.buffer(k, size)
+            path = files.buffer(k, size) if files is not None else None
+            if path is not None:
+                path, buf = path
                 _fill(buf, entries, items)
                 loads.append(("load_file", (path, entries)))
-            else:
+            else:  # another node, or /dev/shm is full: this bucket goes through the object store
                 buf = np.empty(size, np.uint8)
                 _fill(buf, entries, items)
                 loads.append(("load_bucket", (ray.put({"data": buf, "entries": entries}),)))
