@@ -190,7 +190,7 @@ def cli_cfg(cfg: PPOConfig) -> int:
 
 @pytest.mark.slow
 def test_demo_reaches_its_reward_target(tmp_path):
-    """The README's main job: the built-in addition demo, from nothing, on the 4x2 mesh (about 5 min here)."""
+    """The README's main job: the built-in addition demo, from nothing, on the 4x2 mesh (about 2 min here)."""
     out = main(PPOConfig(demo_dir=str(tmp_path / "demo")))
     rewards = [r["reward"] for r in read_log(out["log"])]
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
