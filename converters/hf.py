@@ -294,7 +294,8 @@ def load_flax_params(path: str, abstract: dict) -> dict:
     import orbax.checkpoint as ocp
 
     # Bounded read concurrency: the default (96 GB in flight) holds every compressed chunk at once.
-    return ocp.StandardCheckpointer(restore_concurrent_gb=1).restore(os.path.join(path, FLAX_PARAMS_DIR), abstract)
+    return ocp.StandardCheckpointer(restore_concurrent_gb=1).restore(
+        os.path.abspath(os.path.join(path, FLAX_PARAMS_DIR)), abstract)  # Orbax refuses relative paths
 
 
 def is_flax_checkpoint(path: str) -> bool:

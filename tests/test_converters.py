@@ -46,6 +46,15 @@ def test_round_trip_bit_exact(family, tmp_path):
     assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) > 1
 
 
+def test_converted_checkpoint_loads_from_a_relative_path(tmp_path, monkeypatch):
+    save_tiny("llama3", tmp_path / "hf")
+    assert convert(["--quiet", "hf-to-flax", str(tmp_path / "hf"), str(tmp_path / "flax")]) == 0
+    monkeypatch.chdir(tmp_path)
+    rel = from_pretrained("flax")  # Orbax itself accepts only absolute paths
+    ref = from_pretrained(str(tmp_path / "hf"))
+    np.testing.assert_array_equal(np.asarray(rel.model.norm.scale[...]), np.asarray(ref.model.norm.scale[...]))
+
+
 def test_bf16_round_trip_and_transformers_loads_export(tmp_path):
     src, mid, dst = tmp_path / "hf", tmp_path / "flax", tmp_path / "back"
     save_tiny("qwen2", src, dtype=torch.bfloat16)
