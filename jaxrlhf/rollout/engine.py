@@ -24,10 +24,10 @@ Conventions shared by every engine:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Protocol, runtime_checkable
+from typing import Any, Iterable, Iterator, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
-Tensor = Any  # numpy.ndarray or jax.Array, HF layout
+Tensor = Any  # numpy.ndarray or jax.Array
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,13 @@ class Completion:
     finish_reason: FinishReason
 
 
+def as_entries(named: Iterable[tuple]) -> Iterator[tuple[str, Tensor, bool]]:
+    """What ``update_weights`` receives, as ``(hf_name, array, transposed)``: ``hf_entries`` triples as they are,
+    HF-layout ``(hf_name, array)`` pairs with ``transposed=False``."""
+    for item in named:
+        yield item if len(item) == 3 else (*item, False)
+
+
 @runtime_checkable
 class Engine(Protocol):
     """A rollout generator: sample completions, take new weights, shut down."""
@@ -97,8 +104,8 @@ class Engine(Protocol):
         """``len(prompt_token_ids) * sampling.n`` completions, prompt-major (see the module docstring)."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
-        """Load ``(hf_name, array)`` pairs (HF names and layout) into the engine's model."""
+    def update_weights(self, named_tensors: Iterable[tuple]) -> None:
+        """Load ``hf_entries`` triples or HF-layout ``(hf_name, array)`` pairs into the engine's model."""
         ...
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from converters.tables import IGNORED_HF, flax_path, table_for
 from jaxrlhf.models.decoder import Decoder, default_positions, init_cache
-from jaxrlhf.rollout.engine import Completion, SamplingParams, Tensor
+from jaxrlhf.rollout.engine import Completion, SamplingParams, Tensor, as_entries
 from sharding import BATCH, constrain, path_str
 
 __all__ = ["JaxSampler", "top_k_filter", "top_p_filter", "sample_tokens"]
@@ -290,15 +290,14 @@ class JaxSampler:
         in HF layout (numpy or jax, any float dtype) into the sampler.
 
         Each tensor is mapped through the converter table to its Flax path (transposed back where the layouts
-        differ and the array is in HF layout), cast to the parameter's dtype and placed on that parameter's existing sharding; numpy input is
-        sent shard by shard, so no full host copy of the model is made. A subset of the tensors may be sent.
+        differ and the array is in HF layout), cast to the parameter's dtype and placed on that parameter's existing
+        sharding; numpy input is sent shard by shard, so no full host copy of the model is made. A subset of the tensors may be sent.
         Unknown names and wrong shapes raise ``ValueError``; tensors placed before the error stay updated.
         A jax array already of the right dtype, layout and sharding is used as is, not copied: if the train step
         later donates it, call ``update_weights`` again before ``generate`` (``generate`` checks and says so).
         """
         params = self._live_params(allow_deleted=True)
-        for item in named_tensors:
-            name, array, flax_layout = item if len(item) == 3 else (*item, False)
+        for name, array, flax_layout in as_entries(named_tensors):
             if any(p.search(name) for p in IGNORED_HF):
                 continue
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:

@@ -63,7 +63,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from jaxrlhf.rollout.engine import Completion, SamplingParams
+from jaxrlhf.rollout.engine import Completion, SamplingParams, as_entries
 
 SyncBackend = Literal["ray", "nccl"]
 _START_TIMEOUT_S = 900.0
@@ -254,11 +254,10 @@ class _EngineActor:
 
 
 # ---------------------------------------------------------------- the pool (trainer side)
-def _as_entries(named: Iterable[tuple], dtype) -> Iterable[tuple[str, Any, bool]]:
-    """``(name, array, transposed)`` in ``dtype``: ``hf_entries`` triples or HF-layout ``(name, array)`` pairs. Device
-    arrays are cast on their devices (asynchronously: a bucket's casts are all dispatched before it is written)."""
-    for item in named:
-        name, a, transposed = item if len(item) == 3 else (*item, False)
+def _cast_entries(named: Iterable[tuple], dtype) -> Iterable[tuple[str, Any, bool]]:
+    """``engine.as_entries(named)`` in ``dtype``. Device arrays are cast on their devices (asynchronously: a
+    bucket's casts are all dispatched before it is written)."""
+    for name, a, transposed in as_entries(named):
         if np.dtype(a.dtype) != dtype:
             a = a.astype(dtype)
         yield name, a, transposed
@@ -411,6 +410,7 @@ class VLLMPool:
         self._down: dict[int, Any] = {}  # engine -> pending ready() ref while Ray restarts it
         self._weights: list = []  # (actor method, args) per bucket of the latest ray-backend sync (restarts)
         self._files: Optional[_SharedFiles] = None  # same-node buckets (created at the first sync)
+        self._nodes: dict[int, tuple] = {}  # engine -> (pid, Ray node id) of its current process
         self._stale: set[int] = set()  # restarted under the NCCL backend, waiting for the next sync
         self._nccl: Optional[_NcclSender] = None
         t0 = time.perf_counter()
@@ -499,7 +499,10 @@ class VLLMPool:
         if not self.cfg.shared_memory or not _SharedFiles.available():
             return None
         here = ray.get_runtime_context().get_node_id()
-        if any(self._get(e, self._actors[e].node_id.remote(), what="node query") != here for e in live):
+        for e in live:  # asked once per engine process (a restarted engine may land on another node)
+            if self._nodes.get(e, (None,))[0] != self.pids[e]:
+                self._nodes[e] = (self.pids[e], self._get(e, self._actors[e].node_id.remote(), what="node query"))
+        if any(self._nodes[e][1] != here for e in live):
             return None
         if self._files is None:
             self._files = _SharedFiles()
@@ -516,11 +519,11 @@ class VLLMPool:
         files = self._shared_files(live)
         calls = {e: [self._actors[e].begin_sync.remote()] for e in live}  # per engine, in the order they run
         loads, nbytes = [], 0
-        for k, items in enumerate(_buckets(_as_entries(named_tensors, dtype), self.cfg.bucket_mb << 20)):
+        for k, items in enumerate(_buckets(_cast_entries(named_tensors, dtype), self.cfg.bucket_mb << 20)):
             entries, size = _layout(items)
-            path = files.buffer(k, size) if files is not None else None
-            if path is not None:
-                path, buf = path
+            shared = files.buffer(k, size) if files is not None else None
+            if shared is not None:
+                path, buf = shared
                 _fill(buf, entries, items)
                 loads.append(("load_file", (path, entries)))
             else:  # another node, or /dev/shm is full: this bucket goes through the object store
@@ -707,7 +710,7 @@ class _NcclSender:
         self._wait(self._call_all("start_weight_update"), "NCCL weight sync")
         nbytes = buckets = 0
         on_gpu = ((n, jax.device_put(jax.numpy.asarray(a.T if t else a, jdtype), dev))
-                  for n, a, t in _as_entries(named_tensors, np.dtype(jdtype)))
+                  for n, a, t in _cast_entries(named_tensors, np.dtype(jdtype)))
         for bucket in _buckets(on_gpu, self.pool.cfg.bucket_mb << 20):
             info = dict(names=[n for n, _ in bucket], dtype_names=[self.pool.cfg.dtype] * len(bucket),
                         shapes=[list(t.shape) for _, t in bucket])
