@@ -19,6 +19,10 @@ embeddings), randomly initialised.
    temperature 1; tokens/s after a compile run.
 3. Drift: log-probs of the response tokens with bf16 compute vs fp32, same weights and rows: mean / max |diff|.
 
+Verified: only the ``--tiny`` smoke run on the CPU (tests/test_scripts.py); no GPU has been lent to the project
+yet, so the GPU figures are unmeasured. On a GPU machine check it with ``PYTHONPATH=. python scripts/bench_gpu.py
+--tiny`` first (seconds), then without ``--tiny``.
+
 Benchmarks are not tests: this prints a table and writes JSON.
 """
 from __future__ import annotations

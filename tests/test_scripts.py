@@ -32,6 +32,12 @@ def test_gpu_benchmark_runs(tmp_path):
     res = json.loads(out.read_text())
     assert res["train_remat_off"]["s_per_step"] > 0 and res["train_remat_on"]["s_per_step"] > 0
     assert res["sampler_tokens_per_s"] > 0 and 0 <= res["drift"]["logp_absdiff_max"] < 1.0
+    bad = subprocess.run([sys.executable, str(SCRIPTS / "bench_gpu.py"), "--tiny", "--batch", "3", "--out",
+                          str(tmp_path / "bad.json")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT),
+                              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert bad.returncode == 2 and "must be multiples of the mesh's data-parallel size 2" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad.json").exists()
 
 
 def test_there_are_cluster_jobs():
