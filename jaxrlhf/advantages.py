@@ -9,8 +9,12 @@ How OpenRLHF builds advantages, per ``--advantage_estimator``
 ``get_advantages_and_returns``, ``get_cumulative_returns``; ``openrlhf/models/utils.py``: ``compute_reward``),
 verified against its source, and the functions here that reproduce each step:
 
+0. Length penalties on the raw reward (OpenRLHF ``ppo_utils/length_penalty.py``): ``overlong_penalty`` (DAPO),
+   ``stop_properly_penalty`` (ProRL: truncated samples). DAPO's dynamic filtering (``dynamic_filter_groups``)
+   happens before, on the raw rewards, when the rollout batch is collected.
 1. Group shaping of the scalar reward r_b (rows grouped as consecutive blocks of n_samples_per_prompt):
-   ``group_shaped_rewards`` for rloo | reinforce_baseline | group_norm | dr_grpo; gae and reinforce skip it.
+   ``group_shaped_rewards`` for rloo | reinforce_baseline | group_norm | dr_grpo; flash_reinforce subtracts the
+   mean over the whole rollout batch (FlashREINFORCE: no group, no std); gae and reinforce skip it.
 2. KL shaping: ``shape_rewards`` clips the (already group-shaped) reward to reward_clip_range and places it
    on the last valid token, plus -kl_coef * kl on every token (kl from ``losses.kl_estimate``; kl is all
    zeros when --use_kl_loss moves the KL into the actor loss instead).
@@ -26,8 +30,8 @@ verified against its source, and the functions here that reproduce each step:
 
 So: gae = shape_rewards + gae + whiten; reinforce = shape_rewards + discounted_returns + whiten;
 reinforce_baseline = group_shaped_rewards + shape_rewards + discounted_returns(gamma=1) + whiten;
-rloo / group_norm / dr_grpo = group_shaped_rewards + shape_rewards + discounted_returns(gamma=1), no whiten.
-(DAPO's overlong penalty, when enabled, is added to the raw reward before step 1.)
+rloo / group_norm / dr_grpo = group_shaped_rewards + shape_rewards + discounted_returns(gamma=1), no whiten;
+flash_reinforce = (r - batch mean) + shape_rewards + discounted_returns(gamma=1), no whiten.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import jax.numpy as jnp
 Array = jax.Array
 ArrayLike = Union[jax.Array, float, int]
 
-Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
+Estimator = Literal["gae", "reinforce", "reinforce_baseline", "rloo", "group_norm", "dr_grpo", "flash_reinforce"]
 GroupEstimator = Literal["reinforce_baseline", "rloo", "group_norm", "dr_grpo"]
 
 
@@ -52,6 +56,7 @@ class EstimatorSpec:
     group: bool  # a per-prompt baseline over n_samples_per_prompt >= 2 responses (group_shaped_rewards)
     whiten: bool  # advantages whitened over the whole rollout batch
     gamma: bool  # honours --gamma (OpenRLHF forces gamma = 1 for the others but gae)
+    batch_baseline: bool = False  # the mean reward of the whole rollout batch is subtracted (flash_reinforce)
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {
@@ -61,6 +66,7 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
     "rloo": EstimatorSpec(critic=False, group=True, whiten=False, gamma=False),
     "group_norm": EstimatorSpec(critic=False, group=True, whiten=False, gamma=False),
     "dr_grpo": EstimatorSpec(critic=False, group=True, whiten=False, gamma=False),
+    "flash_reinforce": EstimatorSpec(critic=False, group=False, whiten=False, gamma=False, batch_baseline=True),
 }
 GROUP_ESTIMATORS = tuple(k for k, v in ESTIMATORS.items() if v.group)
 assert set(get_args(Estimator)) == set(ESTIMATORS) and set(get_args(GroupEstimator)) == set(GROUP_ESTIMATORS)
@@ -83,6 +89,7 @@ def estimate(
     """``(advantages_bt, returns_bt)`` of one rollout batch, as OpenRLHF's ``compute_advantages_and_returns``:
 
         r_b       = group_shaped_rewards(r_b, n_samples, estimator)          (group estimators)
+                  | r_b - mean_b r_b                                         (flash_reinforce)
         rewards   = shape_rewards(r_b, kl_bt, mask, kl_coef, reward_clip_range)
         adv, ret  = gae(rewards, values, mask, gamma, lambd)                  (critic estimators)
                   | ret = discounted_returns(rewards, mask, gamma or 1); adv = ret
@@ -95,6 +102,8 @@ def estimate(
     if spec.critic != (values_bt is not None):
         raise ValueError(f"estimate: {estimator!r} {'needs' if spec.critic else 'takes no'} critic values_bt")
     shaped_b = group_shaped_rewards(reward_b, n_samples, estimator) if spec.group else reward_b
+    if spec.batch_baseline:
+        shaped_b = _float(reward_b) - jnp.mean(_float(reward_b))
     rewards_bt = shape_rewards(shaped_b, kl_bt, action_mask_bt, kl_coef=kl_coef, reward_clip_range=reward_clip_range)
     mask = jnp.asarray(action_mask_bt)
     if spec.critic:
@@ -291,3 +300,66 @@ def whiten(
     if not shift_mean:
         y = y + mu
     return jnp.where(m != 0, y, jnp.zeros_like(y))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAPO / ProRL: length penalties and dynamic filtering (NumPy: they run on the host before the advantages)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def overlong_penalty(response_len_b, *, max_new_tokens: int, buffer_len: float, factor: float = 1.0):
+    """DAPO's soft overlong punishment (OpenRLHF ``apply_overlong_penalty``), added to the raw reward:
+
+        expected = max_new_tokens - buffer_len
+        exceed_b = min(len_b - expected, buffer_len)
+        penalty_b = -exceed_b / buffer_len * factor     where exceed_b > 0, else 0
+
+    Returns penalty_b, float32 [B] (<= 0).
+    """
+    import numpy as np
+
+    if not 0 < buffer_len <= max_new_tokens:
+        raise ValueError(f"overlong_penalty: the buffer length must be in (0, max_new_tokens={max_new_tokens}], got "
+                         f"{buffer_len}; lower --overlong_buffer_len")
+    exceed = np.minimum(np.asarray(response_len_b, np.float64) - (max_new_tokens - buffer_len), buffer_len)
+    return np.where(exceed > 0, -exceed / buffer_len * factor, 0.0).astype(np.float32)
+
+
+def stop_properly_penalty(reward_b, truncated_b, coef: float):
+    """ProRL's penalty of truncated samples (OpenRLHF ``apply_stop_properly_penalty``; truncated = the engine stopped
+    at max_new_tokens, finish_reason "length"):
+
+        r_b' = r_b * coef   if truncated_b and coef >= 0   (coef in [0, 1]: scale the reward down)
+        r_b' = coef         if truncated_b and coef < 0    (a fixed negative reward)
+        r_b' = r_b          otherwise
+
+    Returns float32 [B].
+    """
+    import numpy as np
+
+    if coef > 1:
+        raise ValueError(f"stop_properly_penalty: the coefficient must be in [0, 1] or negative, got {coef}")
+    r = np.asarray(reward_b, np.float32)
+    cut = np.asarray(truncated_b, bool)
+    return np.where(cut, np.float32(coef) if coef < 0 else r * np.float32(coef), r).astype(np.float32)
+
+
+def dynamic_filter_groups(reward_b, n_samples: int, low: float, high: float):
+    """DAPO's dynamic sampling filter (OpenRLHF ``--dynamic_filtering``): which prompt groups (consecutive blocks of
+    ``n_samples`` rows) to keep,
+
+        keep_g = low < mean_i r_gi < high   and   not (r_g1 = ... = r_gn)
+
+    A group whose rewards are all equal has zero advantage under every group baseline (no gradient, only noise
+    in the token mean); OpenRLHF's range test alone drops such groups for 0/1 rewards, the equality test drops
+    them for any reward. Returns keep_g, bool [B / n_samples].
+    """
+    import numpy as np
+
+    r = np.asarray(reward_b, np.float64)
+    if n_samples < 2 or r.ndim != 1 or len(r) % n_samples:
+        raise ValueError(f"dynamic_filter_groups: needs groups of n_samples >= 2 rows, got {n_samples} samples per "
+                         f"prompt and {r.shape} rewards")
+    r_gn = r.reshape(-1, n_samples)
+    mean_g = r_gn.mean(1)
+    return (low < mean_g) & (mean_g < high) & (r_gn.max(1) > r_gn.min(1))

@@ -30,6 +30,16 @@ Rules
   Prefix abbreviations (``--learning`` for ``--learning_rate``) are refused: they break silently when a field is added.
 - Errors (bad values, unknown keys, a ``ValueError`` raised by the config's ``__post_init__``) are printed argparse
   style (``prog: error: ...``) and exit with code 2, no traceback.
+- Other spellings, declared by the config class as data (an entry point's own table, e.g. OpenRLHF 0.11's dotted
+  names for PPO)::
+
+      ALIASES: ClassVar[dict] = {"actor.policy_loss_type": "policy_loss_type",          # same value
+                                 "ds.param_dtype": ("bf16", {"bf16": "true", "fp32": "false"})}  # value mapped
+      IGNORED: ClassVar[dict] = {"zero_stage": "ZeRO sharding is the mesh's fsdp axis"}  # accepted, one notice
+
+  An alias works on the command line (``--actor.policy_loss_type gspo``, listed on its field's ``--help`` line) and
+  in YAML (``actor.policy_loss_type: gspo`` or nested ``actor: {policy_loss_type: gspo}``). An ignored flag takes
+  an optional value and is reported in one line on stderr (what it was for and why it does not apply here).
 
 This module does not import jax: entry points parse their flags first and may then set ``XLA_FLAGS`` (host device
 count for ``--mesh``) before jax starts.
@@ -270,15 +280,35 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _aliases(cls: type, fields: list[_Field]) -> dict[str, tuple[str, dict | None]]:
+    """``{alias: (field, value map or None)}`` from ``cls.ALIASES``, checked against the fields."""
+    names = {f.name for f in fields}
+    out = {}
+    for alias, target in getattr(cls, "ALIASES", {}).items():
+        field_name, values = (target, None) if isinstance(target, str) else target
+        if field_name not in names or alias in names:
+            raise TypeError(f"{cls.__name__}.ALIASES: {alias!r} -> {field_name!r} must name a field and not be one")
+        out[alias] = (field_name, values)
+    return out
+
+
+def _translate(values: dict | None, token: str) -> str:
+    return values.get(token.strip().lower(), token) if values else token
+
+
 def _build_parser(cls: type, fields: list[_Field], prog: str | None) -> _Parser:
-    flags = ["--config"] + [f"--{f.name}" for f in fields]
+    aliases, ignored = _aliases(cls, fields), getattr(cls, "IGNORED", {})
+    flags = ["--config"] + [f"--{f.name}" for f in fields] + [f"--{a}" for a in (*aliases, *ignored)]
     flags += [f"--no_{f.name}" for f in fields if f.kind.base is bool and f.has_default and f.default is True]
     doc = (cls.__doc__ or "").strip()
     if doc.startswith(f"{cls.__name__}("):  # dataclass's generated signature doc: useless as a description
         doc = ""
+    epilog = ("accepted and ignored (they do not apply here): " + ", ".join(f"--{k}" for k in ignored)) \
+        if ignored else None
     parser = _Parser(
         prog=prog,
         description=doc or None,
+        epilog=epilog,
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,
         known_flags=flags,
@@ -292,9 +322,14 @@ def _build_parser(cls: type, fields: list[_Field], prog: str | None) -> _Parser:
     for f in fields:
         default_txt = f" (default: {f.default!r})" if f.has_default else " (required)"
         help_text = f.help.replace("%", "%%") + default_txt
+        same = [f"--{a}" for a, (target, values) in aliases.items() if target == f.name and values is None]
+        for a, (target, values) in aliases.items():
+            if target == f.name and values is not None:  # a value-mapped spelling: one value, translated
+                parser.add_argument(f"--{a}", dest=f.name, metavar="|".join(values), help=f"= --{f.name}, mapped",
+                                    type=lambda s, v=values: [_translate(v, s)])
         if f.kind.base is bool and f.kind.container is None:
             parser.add_argument(
-                f"--{f.name}", dest=f.name, nargs="?", const=["true"], metavar="true|false",
+                f"--{f.name}", *same, dest=f.name, nargs="?", const=["true"], metavar="true|false",
                 type=lambda s: [s], help=help_text,
             )
             if f.has_default and f.default is True:
@@ -312,13 +347,39 @@ def _build_parser(cls: type, fields: list[_Field], prog: str | None) -> _Parser:
         elif f.kind.container is not None:
             metavar = f.kind.base.__name__.upper()
         parser.add_argument(
-            f"--{f.name}", dest=f.name, nargs=nargs, metavar=metavar, help=help_text,
+            f"--{f.name}", *same, dest=f.name, nargs=nargs, metavar=metavar, help=help_text,
             type=str, action="extend" if nargs else "store",
         )
+    for name in ignored:
+        parser.add_argument(f"--{name}", dest=f"{_IGNORED}{name}", nargs="?", const="", help=argparse.SUPPRESS)
     return parser
 
 
-def _load_yaml(path: str, parser: _Parser, fields: list[_Field]) -> dict[str, Any]:
+_IGNORED = "ignored:"
+
+
+def _notice_ignored(cls: type, given: list[str], prog: str | None) -> None:
+    """One line on stderr naming the ignored flags that were given and why they do not apply."""
+    if given:
+        why = getattr(cls, "IGNORED", {})
+        print(f"{prog or 'jaxrlhf'}: notice: ignored flags that do not apply here: "
+              + "; ".join(f"--{k} ({why[k]})" for k in given), file=sys.stderr)
+
+
+def _flatten(data: dict, fields: dict, prefix: str = "") -> dict[str, Any]:
+    """YAML keys as flags: a nested mapping under a key that is no field becomes dotted keys (``actor:
+    {policy_loss_type: gspo}`` -> ``actor.policy_loss_type``)."""
+    out = {}
+    for key, value in data.items():
+        key = prefix + str(key)
+        if isinstance(value, dict) and key not in fields:
+            out.update(_flatten(value, fields, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _load_yaml(path: str, parser: _Parser, fields: list[_Field], cls: type, ignored_keys: list) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
@@ -334,9 +395,15 @@ def _load_yaml(path: str, parser: _Parser, fields: list[_Field]) -> dict[str, An
         parser.error(f"--config {path}: expected a mapping of field names to values, got {type(data).__name__}")
     names = [f.name for f in fields]
     by_name = {f.name: f for f in fields}
+    aliases, ignored = _aliases(cls, fields), getattr(cls, "IGNORED", {})
     out = {}
-    for key, value in data.items():
-        key = str(key)
+    for key, value in _flatten(data, by_name).items():
+        if key in ignored:
+            ignored_keys.append(key)
+            continue
+        if key in aliases:
+            key, values = aliases[key]
+            value = _translate(values, str(value)) if values else value
         if key not in by_name:
             close = difflib.get_close_matches(key.lstrip("-"), names, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -360,9 +427,11 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str | Non
         parser.unknown_flag_error(extras)
     given = vars(ns)
     values: dict[str, Any] = {}
+    ignored = [k[len(_IGNORED):] for k in list(given) if k.startswith(_IGNORED) and given.pop(k) is not _IGNORED]
     if given.get("config") is not None:
-        values.update(_load_yaml(given.pop("config"), parser, fields))
+        values.update(_load_yaml(given.pop("config"), parser, fields, cls, ignored))
     given.pop("config", None)
+    _notice_ignored(cls, ignored, prog)
     for f in fields:
         if f.name not in given:
             continue

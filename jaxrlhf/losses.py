@@ -12,6 +12,14 @@ Semantics follow OpenRLHF (``openrlhf/models/loss.py``, ``openrlhf/models/utils.
 - ``ppo_policy_loss``        == ``PolicyLoss`` (policy_loss_type="ppo") before aggregation, including the
   [-20, 20] clamp of the log-ratio that recent OpenRLHF applies and the dual clip for A < 0.
 - ``ppo_value_loss``         == ``ValueLoss`` before aggregation.
+- ``gspo_policy_loss``       == ``PolicyLoss`` with policy_loss_type="gspo" (sequence-level ratio), not aggregated.
+- ``is_correction``          == ``PolicyLoss``'s rollout/trainer importance-sampling correction (TIS, ICEPOP,
+  seq-mask-TIS) generalised as OpenRLHF 0.11's ``--algo.advantage.is_correction_{level,mode,gating,threshold}``
+  (FlashREINFORCE's binary-KL trust region is ``level="seq", gating="binary_kl", mode="mask"``).
+- ``aggregate_loss``         == ``aggregate_loss`` / ``agg_loss`` for ``--loss_agg_mode`` token-mean |
+  seq-mean-token-mean.
+- ``kl_loss_unbiased_gradient``: the KL loss term whose value is the k1/k2/k3 estimate and whose gradient is the
+  true reverse-KL gradient weighted by pi/pi_old (DeepSeek-V3.2's unbiased KL estimate).
 - ``token_mean_over_batch`` / ``sequence_mean_over_batch`` == ``aggregate_loss`` with the global batch
   totals (``batch_num_tokens`` / ``global_batch_size``); no ``dp_size`` factor is needed here because a JAX
   step sums over the whole (sharded) global batch instead of averaging per-rank gradients.
@@ -40,6 +48,10 @@ ArrayLike = Union[jax.Array, float, int]
 
 KL_CLAMP = 10.0  # OpenRLHF clamps every KL estimate to [-10, 10].
 LOG_RATIO_CLAMP = 20.0  # OpenRLHF clamps log(pi/pi_old) to [-20, 20] before exp in the PPO loss.
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean")
+IS_LEVELS = ("off", "token", "seq")
+IS_MODES = ("mask", "clip")
+IS_GATINGS = ("ratio", "binary_kl", "tv")
 
 
 def _float(x: Array) -> Array:
@@ -117,6 +129,18 @@ def sequence_mean_over_batch(loss_bt: Array, mask_bt: Array, num_sequences_total
     seq_loss_b = jnp.where(count_b > 0, seq_loss_b, jnp.zeros_like(seq_loss_b))
     n = jax.lax.stop_gradient(_float(jnp.asarray(num_sequences_total)))
     return jnp.sum(seq_loss_b) / n
+
+
+def aggregate_loss(loss_bt: Array, mask_bt: Array, mode: str, *, num_tokens_total: ArrayLike,
+                   num_sequences_total: ArrayLike) -> Array:
+    """``--loss_agg_mode``: ``token-mean`` (every token weighs the same: ``token_mean_over_batch`` over N_global
+    tokens) or ``seq-mean-token-mean`` (every sequence weighs the same: ``sequence_mean_over_batch`` over S_global
+    sequences). Both follow the micro-batch contract of ``token_mean_over_batch`` (sum the micro-batches)."""
+    if mode == "token-mean":
+        return token_mean_over_batch(loss_bt, mask_bt, num_tokens_total)
+    if mode == "seq-mean-token-mean":
+        return sequence_mean_over_batch(loss_bt, mask_bt, num_sequences_total)
+    raise ValueError(f"aggregate_loss: unknown mode {mode!r}; use one of {LOSS_AGG_MODES}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,16 +289,24 @@ def ppo_policy_loss(
     through ``logp_bt`` only. Returns (loss_bt, clipped_bt), both float32 [B, T]; aggregate loss_bt with
     ``token_mean_over_batch`` and clipped_bt with ``masked_mean``.
     """
-    if isinstance(eps_clip_low, (int, float)) and not 0.0 <= eps_clip_low < 1.0:
-        raise ValueError(f"ppo_policy_loss: eps_clip_low must be in [0, 1), got {eps_clip_low}.")
-    if isinstance(eps_clip_high, (int, float)) and eps_clip_high < 0.0:
-        raise ValueError(f"ppo_policy_loss: eps_clip_high must be >= 0, got {eps_clip_high}.")
-    if dual_clip is not None and isinstance(dual_clip, (int, float)) and dual_clip <= 1.0:
-        raise ValueError(f"ppo_policy_loss: dual_clip must be > 1.0 (or None to disable), got {dual_clip}.")
+    _check_clips(eps_clip_low, eps_clip_high, dual_clip, "ppo_policy_loss")
     old_logp = jax.lax.stop_gradient(_float(old_logp_bt))
-    adv = jax.lax.stop_gradient(_float(advantages_bt))
     log_ratio = jnp.clip(_float(logp_bt) - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = jnp.exp(log_ratio)
+    return _clipped_surrogate(jnp.exp(log_ratio), advantages_bt, eps_clip_low, eps_clip_high, dual_clip)
+
+
+def _check_clips(eps_clip_low, eps_clip_high, dual_clip, who: str) -> None:
+    if isinstance(eps_clip_low, (int, float)) and not 0.0 <= eps_clip_low < 1.0:
+        raise ValueError(f"{who}: eps_clip_low must be in [0, 1), got {eps_clip_low}.")
+    if isinstance(eps_clip_high, (int, float)) and eps_clip_high < 0.0:
+        raise ValueError(f"{who}: eps_clip_high must be >= 0, got {eps_clip_high}.")
+    if dual_clip is not None and isinstance(dual_clip, (int, float)) and dual_clip <= 1.0:
+        raise ValueError(f"{who}: dual_clip must be > 1.0 (or None to disable), got {dual_clip}.")
+
+
+def _clipped_surrogate(ratio, advantages_bt, eps_clip_low, eps_clip_high, dual_clip):
+    """``(-objective, clipped)``: the clipped surrogate of ``ppo_policy_loss``'s docstring for a given ratio."""
+    adv = jax.lax.stop_gradient(_float(advantages_bt))
     surr1 = ratio * adv
     surr2 = jnp.clip(ratio, 1.0 - eps_clip_low, 1.0 + eps_clip_high) * adv
     clip1 = jnp.minimum(surr1, surr2)
@@ -285,6 +317,126 @@ def ppo_policy_loss(
         objective = jnp.where(adv < 0, clip2, clip1)
     clipped = (surr2 < surr1).astype(jnp.float32)
     return -objective, clipped
+
+
+def gspo_policy_loss(
+    logp_bt: Array,
+    old_logp_bt: Array,
+    advantages_bt: Array,
+    mask_bt: Array,
+    *,
+    eps_clip_low: float,
+    eps_clip_high: float,
+    dual_clip: Optional[float] = None,
+) -> Tuple[Array, Array]:
+    """Per-token GSPO loss (Zheng et al. 2025, arXiv 2507.18071; OpenRLHF ``PolicyLoss`` with
+    policy_loss_type="gspo"), NOT aggregated: one importance ratio per SEQUENCE, the geometric mean of its tokens',
+
+        s_b     = exp(clip(sum_t m[b,t] (logp - old_logp)[b,t] / max(sum_t m[b,t], 1), -20, 20))
+        loss_bt = the clipped surrogate of ppo_policy_loss with r[b,t] = s_b   (dual clip as there)
+
+    The gradient flows through the mean of ``logp_bt`` (so every token of a sequence gets s_b A / |y| of it). With
+    the IS correction on, OpenRLHF takes the ratio against the engine's log-probs: pass them as ``old_logp_bt``.
+    Aggregate with ``sequence_mean_over_batch`` (OpenRLHF forces the sequence mean for GSPO). The [-20, 20] clamp
+    of the mean log-ratio is ours (OpenRLHF has none; it only changes ratios beyond e^20). Returns (loss_bt,
+    clipped_bt), float32 [B, T].
+    """
+    _check_clips(eps_clip_low, eps_clip_high, dual_clip, "gspo_policy_loss")
+    old_logp = jax.lax.stop_gradient(_float(old_logp_bt))
+    seq_log_ratio_b = masked_sum(_float(logp_bt) - old_logp, mask_bt, axis=-1) / jnp.maximum(
+        jnp.sum(jnp.asarray(mask_bt).astype(jnp.float32), axis=-1), 1.0)
+    ratio_b1 = jnp.exp(jnp.clip(seq_log_ratio_b, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))[:, None]
+    return _clipped_surrogate(jnp.broadcast_to(ratio_b1, jnp.shape(logp_bt)), advantages_bt, eps_clip_low,
+                              eps_clip_high, dual_clip)
+
+
+def _bernoulli_pair(logp_a: Array, logp_b: Array) -> Tuple[Array, Array]:
+    """The two sampled-token probabilities, clipped into [1e-6, 1 - 1e-6] (as FlashREINFORCE's reference)."""
+    return (jnp.clip(jnp.exp(logp_a), 1e-6, 1 - 1e-6), jnp.clip(jnp.exp(logp_b), 1e-6, 1 - 1e-6))
+
+
+def is_correction(
+    old_logp_bt: Array,
+    rollout_logp_bt: Array,
+    mask_bt: Array,
+    *,
+    level: str,
+    mode: str,
+    gating: str,
+    low: float,
+    high: float,
+) -> Tuple[Array, Array, dict]:
+    """Importance-sampling correction of the rollout/trainer mismatch: the engine (vLLM, another dtype, an older
+    policy in async training) sampled from mu, the loss differentiates pi. Per response token, with pi the
+    trainer's old log-probs and mu the engine's,
+
+        x_t = clip(log pi_t - log mu_t, -20, 20),   w_t = exp(x_t)         (the per-token IS weight, a constant)
+
+    a gating statistic per UNIT (a token for level="token", a sequence for level="seq"):
+
+        ratio:      token: w_t                       seq: exp(mean_t x_t)            (geometric mean)
+        binary_kl:  token: KL(Bern(mu_t) || Bern(pi_t)) = mu log(mu/pi) + (1-mu) log((1-mu)/(1-pi))
+                    seq:   max(mean_t of that, 0)                                    (mu_t, pi_t in [1e-6, 1-1e-6])
+        tv:         token: |pi_t - mu_t|             seq: mean_t of that             (TV of the two Bernoullis)
+
+    and the coefficient that multiplies the per-token policy loss:
+
+        keep   = low <= statistic <= high           (a sequence's verdict applies to all its tokens)
+        mask:  coef_t = w_t * keep_t                (out-of-band units get no gradient, the others their w_t)
+        clip:  coef_t = clip(w_t, low, high)        (level="token", gating="ratio" only: TIS)
+
+    The named methods: TIS = (token, clip, ratio); ICEPOP = (token, mask, ratio); seq-mask-TIS = (seq, mask, ratio);
+    the FlashREINFORCE trust region = (seq, mask, binary_kl) with (low, high) = (-inf, delta). Returns
+    ``(coef_bt, filtered_bt, w_bt)``: the coefficient, 1.0 on valid tokens whose unit was masked or whose weight was
+    clipped (0 elsewhere), and the raw weights w (all stop-gradient, float32 [B, T]).
+    """
+    if level not in IS_LEVELS[1:] or mode not in IS_MODES or gating not in IS_GATINGS:
+        raise ValueError(f"is_correction: level {level!r} / mode {mode!r} / gating {gating!r}: use level in "
+                         f"{IS_LEVELS[1:]}, mode in {IS_MODES}, gating in {IS_GATINGS}")
+    if mode == "clip" and (level != "token" or gating != "ratio"):
+        raise ValueError("is_correction: mode 'clip' clamps a per-token ratio (TIS): it needs level 'token' and gating "
+                         "'ratio'; use mode 'mask' to filter sequences or by a divergence")
+    old = jax.lax.stop_gradient(_float(old_logp_bt))
+    mu = jax.lax.stop_gradient(_float(rollout_logp_bt))
+    m = jnp.asarray(mask_bt).astype(jnp.float32)
+    valid = m > 0
+    x = jnp.clip(old - mu, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    w = jnp.exp(x)
+    if gating == "ratio":
+        stat = w if level == "token" else jnp.exp(masked_mean(x, m, axis=-1))[:, None]
+    else:
+        p_mu, p_pi = _bernoulli_pair(mu, old)
+        if gating == "binary_kl":
+            tok = p_mu * (jnp.log(p_mu) - jnp.log(p_pi)) + (1 - p_mu) * (jnp.log1p(-p_mu) - jnp.log1p(-p_pi))
+        else:
+            tok = jnp.abs(p_pi - p_mu)
+        stat = tok if level == "token" else masked_mean(tok, m, axis=-1)[:, None]
+        if gating == "binary_kl" and level == "seq":
+            stat = jnp.maximum(stat, 0.0)
+    keep = jnp.broadcast_to((stat >= low) & (stat <= high), w.shape)
+    coef = jnp.where(keep, w, 0.0) if mode == "mask" else jnp.clip(w, low, high)
+    if mode == "clip":
+        keep = (w >= low) & (w <= high)
+    filtered = jnp.where(valid, (~keep).astype(jnp.float32), 0.0)
+    return jax.lax.stop_gradient(coef), filtered, jax.lax.stop_gradient(w)
+
+
+def kl_loss_unbiased_gradient(logp_bt: Array, ref_logp_bt: Array, old_logp_bt: Array,
+                              kind: Literal["k1", "k2", "k3"] = "k3") -> Array:
+    """A per-token KL loss term whose VALUE is ``kl_estimate(logp, ref_logp, kind)`` and whose GRADIENT is the true
+    gradient of the reverse KL(pi || pi_ref) for samples drawn from pi_old (DeepSeek-V3.2's unbiased KL estimate):
+
+        grad = w * (log pi - log pi_ref) * grad log pi,     w = stop_gradient(exp(clip(log pi - log pi_old, +-20)))
+        term = sg(k) + g - sg(g),   g = sg(w * clip(log pi - log pi_ref, +-20)) * log pi
+
+    (E_{pi_old}[w (log pi - log pi_ref) grad log pi] = grad KL(pi || pi_ref); the k1/k2/k3 estimators' own
+    gradients are biased for it, k3's being (1 - pi_ref/pi) grad log pi.) Returns float32 [B, T], not masked.
+    """
+    logp = _float(logp_bt)
+    k = kl_estimate(logp, ref_logp_bt, kind)
+    w = jnp.exp(jnp.clip(logp - _float(old_logp_bt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    g = jax.lax.stop_gradient(w * jnp.clip(logp - _float(ref_logp_bt), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)) * logp
+    return jax.lax.stop_gradient(k) + g - jax.lax.stop_gradient(g)
 
 
 def ppo_value_loss(

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from jaxrlhf.advantages import ESTIMATORS, Estimator
 from jaxrlhf.cli import arg, parse_config
@@ -30,8 +30,93 @@ from jaxrlhf.rollout.setup import RolloutFlags, check_rollout_flags
 from jaxrlhf.train.run import RunFlags, at_least_one
 
 
+# OpenRLHF 0.11's dotted spellings (openrlhf/cli/train_ppo_ray.py) of the flags below, and of the new ones of its
+# later releases (is_correction_level/mode/gating, actor.loss_agg_mode): an OpenRLHF launch script runs as-is.
+OPENRLHF_ALIASES = {
+    "actor.model_name_or_path": "pretrain", "reward.model_name_or_path": "reward_pretrain",
+    "critic.model_name_or_path": "critic_pretrain", "reward.remote_url": "remote_rm_url",
+    "ds.value_head_prefix": "value_head_prefix", "ref.offload": "ref_offload", "reward.offload": "reward_offload",
+    "data.prompt_dataset": "prompt_data", "data.prompt_probs": "prompt_data_probs", "data.prompt_split": "prompt_split",
+    "data.input_key": "input_key", "data.label_key": "label_key", "data.input_template": "input_template",
+    "data.apply_chat_template": "apply_chat_template", "data.max_samples": "max_samples",
+    "rollout.batch_size": "rollout_batch_size", "rollout.micro_batch_size": "micro_rollout_batch_size",
+    "rollout.n_samples_per_prompt": "n_samples_per_prompt", "rollout.max_new_tokens": "generate_max_len",
+    "rollout.temperature": "temperature", "rollout.top_p": "top_p",
+    "train.batch_size": "train_batch_size", "train.micro_batch_size": "micro_train_batch_size",
+    "train.max_epochs": "max_epochs", "train.num_episodes": "num_episodes", "train.seed": "seed",
+    "train.async_enable": "async_train", "train.async_queue_size": "async_queue_size",
+    "train.partial_rollout_enable": "partial_rollout",
+    "actor.adam.lr": "actor_learning_rate", "critic.adam.lr": "critic_learning_rate",
+    "actor.adam.betas": "adam_betas", "actor.adam.weight_decay": "l2", "actor.lr_warmup_ratio": "lr_warmup_ratio",
+    "actor.min_lr_ratio": "min_lr_ratio", "actor.max_norm": "max_norm",
+    "actor.gradient_checkpointing_enable": "gradient_checkpointing",
+    "actor.eps_clip": "eps_clip", "actor.eps_clip_low_high": "eps_clip_low_high", "actor.dual_clip": "dual_clip",
+    "actor.entropy_coef": "entropy_coef", "actor.policy_loss_type": "policy_loss_type",
+    "actor.loss_agg_mode": "loss_agg_mode", "critic.value_clip": "value_clip",
+    "critic.freezing_steps": "freezing_actor_steps",
+    "algo.advantage.estimator": "advantage_estimator", "algo.advantage.gamma": "gamma",
+    "algo.advantage.lambd": "lambd", "algo.advantage.no_std_norm": "no_advantage_std_norm",
+    "algo.advantage.is_correction_level": "is_correction_level",
+    "algo.advantage.is_correction_mode": "is_correction_mode",
+    "algo.advantage.is_correction_gating": "is_correction_gating",
+    "algo.advantage.is_correction_threshold": "is_correction_threshold",
+    "algo.advantage.is_correction_enable": "is_correction_enable",
+    "algo.advantage.is_correction_type": "is_correction_type",
+    "algo.kl.init_coef": "init_kl_coef", "algo.kl.target": "kl_target", "algo.kl.horizon": "kl_horizon",
+    "algo.kl.estimator": "kl_estimator", "algo.kl.use_loss": "use_kl_loss",
+    "algo.dynamic_filtering_enable": "dynamic_filtering", "algo.dynamic_filtering_range": "dynamic_filtering_range",
+    "reward.clip_range": "reward_clip_range", "reward.normalize_enable": "normalize_reward",
+    "reward.overlong_buffer_len": "overlong_buffer_len", "reward.overlong_penalty_factor": "overlong_penalty_factor",
+    "reward.stop_properly_penalty_coef": "stop_properly_penalty_coef",
+    "vllm.num_engines": "vllm_num_engines", "vllm.tensor_parallel_size": "vllm_tensor_parallel_size",
+    "vllm.gpu_memory_utilization": "vllm_gpu_memory_utilization", "vllm.enforce_eager": "enforce_eager",
+    "vllm.enable_prefix_caching": "enable_prefix_caching",
+    "ckpt.path": "ckpt_path", "ckpt.output_dir": "save_path", "ckpt.save_steps": "save_steps",
+    "ckpt.max_num": "max_ckpt_num", "ckpt.load_enable": "load_checkpoint", "logger.logging_steps": "logging_steps",
+    "logger.tensorboard_dir": "use_tensorboard", "logger.wandb.key": "use_wandb",
+    "logger.wandb.project": "wandb_project", "logger.wandb.run_name": "wandb_run_name",
+    "ds.param_dtype": ("bf16", {"bf16": "true", "bfloat16": "true", "fp32": "false", "float32": "false"}),
+}
+_MESH = "sharding is the device mesh's (--mesh data x fsdp x tensor)"
+_PLACEMENT = "placement is --mesh / --ref_mesh / --reward_mesh and --vllm_num_engines"
+_XLA = "XLA compiles and fuses the model itself"
+# DeepSpeed / placement / kernel flags of OpenRLHF (classic and 0.11 spellings): no effect on the math here.
+DEEPSPEED_ONLY = {
+    **{k: _MESH for k in ("zero_stage", "ds.zero_stage", "zpg", "ds.zpg", "overlap_comm", "ds.overlap_comm",
+                          "ds.tensor_parallel_size", "ring_attn_size", "ds.ring_attn_size", "ring_attn_head_stride",
+                          "ds.ring_attn_head_stride", "ds.use_universal_ckpt", "use_universal_ckpt")},
+    **{k: "the optimizer state lives sharded on the mesh (no CPU offload)" for k in ("adam_offload", "ds.adam_offload")},
+    **{k: _XLA for k in ("flash_attn", "attn_implementation", "ds.attn_implementation", "use_liger_kernel",
+                         "ds.use_liger_kernel", "deepcompile", "ds.deepcompile", "ds.experts_implementation",
+                         "packing_samples", "ds.packing_samples", "grad_accum_dtype", "ds.grad_accum_dtype",
+                         "gradient_checkpointing_use_reentrant", "actor.gradient_checkpointing_reentrant")},
+    **{k: _PLACEMENT for k in (
+        "actor_num_nodes", "actor_num_gpus_per_node", "ref_num_nodes", "ref_num_gpus_per_node", "critic_num_nodes",
+        "critic_num_gpus_per_node", "reward_num_nodes", "reward_num_gpus_per_node", "colocate_actor_ref",
+        "colocate_critic_reward", "colocate_all_models", "actor.num_nodes", "actor.num_gpus_per_node",
+        "ref.num_nodes", "ref.num_gpus_per_node", "critic.num_nodes", "critic.num_gpus_per_node",
+        "reward.num_nodes", "reward.num_gpus_per_node", "train.colocate_actor_ref", "train.colocate_critic_reward",
+        "train.colocate_all", "deepspeed_enable_sleep", "ds.enable_sleep", "vllm_enable_sleep", "vllm.enable_sleep",
+        "vllm_sync_with_ray", "vllm.sync_with_ray", "local_rank", "use_ms")},
+    **{k: "the micro-batch flags fix the shapes (length buckets)" for k in (
+        "use_dynamic_batch", "train.dynamic_batch_enable", "rollout_max_tokens_per_gpu", "rollout.max_tokens_per_gpu",
+        "train_max_tokens_per_gpu", "train.max_tokens_per_gpu", "vllm_generate_batch_size",
+        "rollout.vllm_generate_batch_size")},
+    **{k: "checkpoints are Orbax, the final model an HF export" for k in (
+        "save_hf_ckpt", "ckpt.save_hf", "disable_ds_ckpt", "ckpt.disable_ds", "max_ckpt_mem", "ckpt.max_mem")},
+    **{k: "the tokenizer loads as transformers does" for k in ("disable_fast_tokenizer", "data.disable_fast_tokenizer",
+                                                              "data.dataloader_num_workers")},
+    "full_determinism": "runs are deterministic by their seeds", "train.full_determinism_enable":
+        "runs are deterministic by their seeds",
+    "vllm.sync_backend": "see --vllm_sync_backend (ray | nccl)",
+    "data.max_len": "lengths are --prompt_max_len and --generate_max_len",
+}
+
+
 @dataclass
 class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py) and the engine flags (rollout/)
+    ALIASES: ClassVar[dict] = OPENRLHF_ALIASES
+    IGNORED: ClassVar[dict] = DEEPSPEED_ONLY
     # ---- models
     reward_pretrain: Optional[str] = arg(None, "reward model directory(ies), comma-separated: scores are summed")
     critic_pretrain: Optional[str] = arg(None, "critic init (default: the reward model, else the actor)")
@@ -72,6 +157,43 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
     reward_clip_range: tuple[float, ...] = arg((-10.0, 10.0), "clip the scalar reward")
     normalize_reward: bool = arg(False, "normalise rewards (RM config mean/std, else running statistics)")
     no_advantage_std_norm: bool = arg(False, "do not divide advantages by their std")
+    # ---- today's RL algorithms (OpenRLHF 0.11 semantics; README "PPO" lists them with an example each)
+    policy_loss_type: Literal["ppo", "gspo"] = arg("ppo", "ppo (per-token ratio) or gspo (sequence-level geometric-"
+                                                          "mean ratio, arXiv 2507.18071)")
+    loss_agg_mode: Optional[Literal["token-mean", "seq-mean-token-mean"]] = arg(
+        None, "token-mean (every token weighs the same) or seq-mean-token-mean (every sample does); default "
+              "token-mean, seq-mean-token-mean with gspo")
+    is_correction_level: Literal["off", "token", "seq"] = arg(
+        "off", "importance-sampling correction of the engine/trainer mismatch, per token or per sequence (off: none)")
+    is_correction_mode: Literal["mask", "clip"] = arg("mask", "out-of-band units: mask (no gradient: ICEPOP, seq-"
+                                                              "mask-TIS) or clip the token weight (TIS)")
+    is_correction_gating: Literal["ratio", "binary_kl", "tv"] = arg(
+        "ratio", "statistic tested against the threshold: ratio pi/mu, binary_kl or tv of the sampled tokens")
+    is_correction_threshold: tuple[float, ...] = arg((0.5, 5.0), "LOW HIGH band of the gating statistic (one value: "
+                                                                 "HIGH only)")
+    is_correction_enable: bool = arg(False, "OpenRLHF 0.11.0 spelling: turn the correction on as "
+                                            "--is_correction_type says")
+    is_correction_type: Optional[Literal["tis", "icepop", "seq-mask-tis"]] = arg(
+        None, "OpenRLHF 0.11.0 shorthand: tis = token/clip, icepop = token/mask, seq-mask-tis = seq/mask (ratio)")
+    kl_unbiased_gradient: bool = arg(False, "with --use_kl_loss: keep the estimator's value, back-propagate the true "
+                                            "reverse-KL gradient weighted by pi/pi_old")
+    dynamic_filtering: bool = arg(False, "DAPO: drop prompt groups whose rewards are all equal or whose mean is "
+                                         "outside --dynamic_filtering_range, and sample more to refill the batch")
+    dynamic_filtering_range: tuple[float, ...] = arg((0.0, 1.0), "LOW HIGH: keep groups with LOW < mean reward < "
+                                                                 "HIGH")
+    dynamic_filtering_max_rounds: int = arg(4, "extra generation rounds per step to refill a filtered batch (then "
+                                               "dropped groups fill it: no gradient from them)")
+    overlong_buffer_len: Optional[float] = arg(None, "DAPO overlong penalty: responses longer than "
+                                                     "--generate_max_len minus this many tokens are penalised")
+    overlong_penalty_factor: float = arg(1.0, "DAPO overlong penalty at --generate_max_len tokens")
+    stop_properly_penalty_coef: Optional[float] = arg(None, "truncated samples' reward x this (in [0, 1]), or set "
+                                                            "to it (< 0)")
+    async_train: bool = arg(False, "the engines generate the next batches while the trainer updates (needs "
+                                   "--vllm_num_engines >= 1; pair with --is_correction_level)")
+    async_queue_size: int = arg(1, "with --async_train: generated batches in flight at most (the staleness bound)")
+    partial_rollout: bool = arg(False, "with --async_train: a weight sync does not wait for the batch being "
+                                       "generated; its unfinished samples continue under the new weights")
+    partial_rollout_tokens: int = arg(32, "with --partial_rollout: tokens generated between chances to sync")
     # ---- shapes
     logits_chunk_size: int = arg(128, "response positions per chunk of the LM head and log-softmax (the loss's "
                                  "peak memory ~ micro-batch x chunk x vocab x 4 bytes)")
@@ -101,6 +223,58 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
         if ESTIMATORS[self.advantage_estimator].group and self.n_samples_per_prompt < 2:
             raise ValueError(f"--advantage_estimator {self.advantage_estimator} needs a group: set "
                              "--n_samples_per_prompt >= 2")
+        self._check_algorithms()
+
+    def _check_algorithms(self) -> None:
+        at_least_one(self, "async_queue_size", "partial_rollout_tokens")
+        if self.dynamic_filtering_max_rounds < 0:
+            raise ValueError(f"--dynamic_filtering_max_rounds must be >= 0, got {self.dynamic_filtering_max_rounds}")
+        if self.is_correction_enable or self.is_correction_type:  # OpenRLHF 0.11.0's switch and shorthand
+            self.is_correction_level, self.is_correction_mode = {
+                "tis": ("token", "clip"), "icepop": ("token", "mask"), "seq-mask-tis": ("seq", "mask")}[
+                self.is_correction_type or "tis"]
+            self.is_correction_gating = "ratio"
+        if len(self.is_correction_threshold) not in (1, 2) or (
+                len(self.is_correction_threshold) == 2 and self.is_correction_threshold[0] > self.is_correction_threshold[1]):
+            raise ValueError(f"--is_correction_threshold takes LOW HIGH (LOW <= HIGH) or one HIGH, got "
+                             f"{self.is_correction_threshold}")
+        if self.is_correction_mode == "clip" and (self.is_correction_level == "seq" or
+                                                  self.is_correction_gating != "ratio"):
+            raise ValueError("--is_correction_mode clip clamps each token's ratio (TIS): it needs "
+                             "--is_correction_level token and --is_correction_gating ratio; use mask to filter "
+                             "sequences or gate on a divergence")
+        if self.kl_unbiased_gradient and not self.use_kl_loss:
+            raise ValueError("--kl_unbiased_gradient changes the gradient of the KL loss: add --use_kl_loss (with a "
+                             "reward penalty the KL has no gradient)")
+        if self.dynamic_filtering:
+            if self.n_samples_per_prompt < 2:
+                raise ValueError("--dynamic_filtering drops prompt groups: set --n_samples_per_prompt >= 2")
+            if len(self.dynamic_filtering_range) != 2 or not self.dynamic_filtering_range[0] < \
+                    self.dynamic_filtering_range[1]:
+                raise ValueError(f"--dynamic_filtering_range takes LOW HIGH with LOW < HIGH, got "
+                                 f"{self.dynamic_filtering_range}")
+        if self.overlong_buffer_len is not None and not 0 < self.overlong_buffer_len <= self.generate_max_len:
+            raise ValueError(f"--overlong_buffer_len must be in (0, --generate_max_len {self.generate_max_len}], got "
+                             f"{self.overlong_buffer_len}")
+        if self.stop_properly_penalty_coef is not None and self.stop_properly_penalty_coef > 1:
+            raise ValueError(f"--stop_properly_penalty_coef must be in [0, 1] (scale) or < 0 (fixed reward), got "
+                             f"{self.stop_properly_penalty_coef}")
+        if self.partial_rollout and not self.async_train:
+            raise ValueError("--partial_rollout continues samples across weight syncs of --async_train: add "
+                             "--async_train")
+
+    @property
+    def is_correction(self):
+        """The ``ppo_step.ISCorrection`` of the flags (one threshold value = HIGH only)."""
+        from jaxrlhf.train.ppo_step import ISCorrection
+
+        t = self.is_correction_threshold
+        low, high = (float("-inf"), t[0]) if len(t) == 1 else t
+        return ISCorrection(self.is_correction_level, self.is_correction_mode, self.is_correction_gating, low, high)
+
+    @property
+    def agg_mode(self) -> str:
+        return self.loss_agg_mode or ("seq-mean-token-mean" if self.policy_loss_type == "gspo" else "token-mean")
 
     @property
     def buckets(self) -> tuple[int, ...] | None:
@@ -153,7 +327,8 @@ def main(cfg: PPOConfig) -> dict:
 
         check_fits(plan_ppo(cfg, processes=launch.num_processes), PPO_KNOBS)
     from converters.hf import export_hf
-    from jaxrlhf.ppo_setup import adapt_kl, build, make_experience_step, sampling_params, throughput
+    from jaxrlhf.ppo_setup import (adapt_kl, build, collect_batch, generate_batch, make_experience_step, score_batch,
+                                   throughput)
     from jaxrlhf.train.experience import experience_metrics
     from jaxrlhf.train.metrics import PhaseTimer, plot_metrics
     from jaxrlhf.train.ppo_step import ppo_update
@@ -171,12 +346,13 @@ def main(cfg: PPOConfig) -> dict:
         for step in range(state.step, p.total_steps):
             t_step = time.perf_counter()
             timer.reset()
-            with timer("data"):
-                prompts, prompt_ids, labels = p.data.batch(p.batches.next_batch())
-            with timer("generate"):
-                rollout = p.client.generate(prompt_ids, sampling_params(cfg, step))
+            batch, raw, info, round_metrics = collect_batch(
+                lambda r: generate_batch(cfg, p, step, r, state.step, timer),
+                lambda b: score_batch(cfg, p, b, cfg.micro_rollout_batch_size * p.dp), n=cfg.n_samples_per_prompt,
+                groups=cfg.rollout_batch_size, dynamic_range=cfg.dynamic_filtering_range if cfg.dynamic_filtering
+                else None, max_rounds=cfg.dynamic_filtering_max_rounds, pad_id=p.tokenizer.pad_token_id, timer=timer)
             with timer("experience"):
-                exp, reward_stats = make_experience_step(cfg, p, state, rollout, prompts, labels, timer)
+                exp, reward_stats, exp_metrics = make_experience_step(cfg, p, state, batch, raw, info, timer)
                 state = dataclasses.replace(state, reward_stats=reward_stats)
             train_actor = step >= cfg.freezing_actor_steps
             with timer("train"):
@@ -184,7 +360,7 @@ def main(cfg: PPOConfig) -> dict:
                     state, exp, actor_step=p.actor_step if train_actor else None, critic_step=p.critic_step,
                     train_batch_size=cfg.train_batch_size, micro_batch=cfg.micro_train_batch_size * p.dp,
                     max_epochs=cfg.max_epochs, seed=cfg.seed, use_kl_loss=cfg.use_kl_loss, on_policy=p.on_policy,
-                    timer=timer)
+                    rollout_logp=cfg.is_correction.on, timer=timer)
             if train_actor:
                 with timer("sync"):
                     pending.update(p.client.sync(state.actor))
@@ -198,7 +374,7 @@ def main(cfg: PPOConfig) -> dict:
                 if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or state.step == p.total_steps:
                     p.ckpt.save(state.step, state.arrays(), {**state.meta(), "data": p.batches.state(),
                                                              "seed": cfg.seed, "fingerprint": p.fingerprint})
-            metrics = {**logged, "kl_coef": state.kl_coef, "actor_lr": float(p.actor_lr(step * p.updates_per_step)),
+            metrics = {**logged, **round_metrics, **exp_metrics, "kl_coef": state.kl_coef, "actor_lr": float(p.actor_lr(step * p.updates_per_step)),
                        "step_time": time.perf_counter() - t_step, **train_metrics, **timer.metrics(),
                        **throughput(exp, timer.seconds, epochs=cfg.max_epochs, train_actor=train_actor),
                        "compile/count": p.compile_count(), **pending}

@@ -162,7 +162,9 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
                                           eps_clip_high=eps_high, dual_clip=cfg.dual_clip,
                                           entropy_coef=cfg.entropy_coef, use_kl_loss=cfg.use_kl_loss,
                                           kl_estimator=cfg.kl_estimator, chunk=cfg.logits_chunk_size,
-                                          on_policy=on_policy)
+                                          on_policy=on_policy, policy_loss_type=cfg.policy_loss_type,
+                                          loss_agg_mode=cfg.agg_mode, is_correction=cfg.is_correction,
+                                          kl_unbiased_gradient=cfg.kl_unbiased_gradient)
     logprobs = ppo_step.logprob_fn(temperature=cfg.temperature, chunk=cfg.logits_chunk_size)
 
     def trainer(graphdef, params, loss_fn, lr):
@@ -251,24 +253,133 @@ def _resume(cfg, run, state, batches, data, total_steps: int):
     return ckpt, logger, state, fingerprint
 
 
-def sampling_params(cfg, step: int):
-    """Step ``step``'s sampling: the flags, seeded from ``--seed`` and the step (a resumed run repeats it)."""
+def sampling_params(cfg, step: int, round_index: int = 0):
+    """Step ``step``'s sampling (its ``round_index``-th generation round with --dynamic_filtering): the flags, seeded
+    from ``--seed``, the step and the round (a resumed run repeats it)."""
     import jax
 
     from jaxrlhf.rollout import SamplingParams
 
     key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    if round_index:
+        key = jax.random.fold_in(key, round_index)
     return SamplingParams(n=cfg.n_samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                           max_tokens=cfg.generate_max_len, seed=int(jax.random.randint(key, (), 0, 2**31 - 1)))
 
 
-def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labels: list, timer):
-    """``(Experience, reward_stats)`` of one rollout: the forwards (reference back on its devices for the pass with
-    --ref_offload), the rewards (running-normalised with --normalize_reward and no reward model), the advantages.
-    ``timer`` gets the phases ``experience_forward`` and ``reward`` (both end on host arrays)."""
-    from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize, score
+@dataclass
+class Batch:
+    """Generated samples with their prompts: ``prompts`` / ``labels`` per prompt, ``rollout`` prompt-major (``n``
+    rows per prompt), ``version`` [B] the policy version (PPO steps done) that generated each row."""
+
+    prompts: list[str]
+    labels: list
+    rollout: Any  # rollout.client.Rollout
+    version: Any  # np.ndarray [B] int
+
+    def select_groups(self, keep_g, n: int) -> "Batch":
+        import numpy as np
+
+        keep_g = np.asarray(keep_g, bool)
+        rows = np.repeat(keep_g, n)
+        return Batch([x for x, k in zip(self.prompts, keep_g) if k], [x for x, k in zip(self.labels, keep_g) if k],
+                     self.rollout.select(rows), self.version[rows])
+
+    @staticmethod
+    def concat(parts: list["Batch"], pad_id: int) -> "Batch":
+        import numpy as np
+
+        from jaxrlhf.rollout.client import Rollout
+
+        return Batch([x for b in parts for x in b.prompts], [x for b in parts for x in b.labels],
+                     Rollout.concat([b.rollout for b in parts], pad_id), np.concatenate([b.version for b in parts]))
+
+
+def generate_batch(cfg, p: Parts, step: int, round_index: int, version: int, timer) -> Batch:
+    """The next ``--rollout_batch_size`` prompts of the data order and the engine's samples of them."""
+    import numpy as np
+
+    with timer("data"):
+        prompts, prompt_ids, labels = p.data.batch(p.batches.next_batch())
+    with timer("generate"):
+        rollout = p.client.generate(prompt_ids, sampling_params(cfg, step, round_index))
+    return Batch(prompts, labels, rollout, np.full(len(rollout.sequences), version))
+
+
+def score_batch(cfg, p: Parts, batch: Batch, chunk: int):
+    """``(reward [B], extra logs)`` of a batch's samples (``experience.score``: reward models and/or function)."""
+    from jaxrlhf.train.experience import score
+
+    r = batch.rollout
+    return score(r.sequences, r.attention_mask, response_ids=r.response_ids(), chunk=chunk,
+                 reward_models=p.reward_models, remote_reward=p.remote_reward, tokenizer=p.tokenizer,
+                 prompts=batch.prompts, labels=batch.labels, n_samples=cfg.n_samples_per_prompt,
+                 normalize=cfg.normalize_reward)
+
+
+def collect_batch(next_batch: Callable[[int], Batch], score: Callable[[Batch], tuple], *, n: int, groups: int,
+                  dynamic_range: tuple[float, float] | None, max_rounds: int, pad_id: int, timer):
+    """``(batch, raw reward [B], extra logs, metrics)``: ``next_batch(round_index)`` generated and ``score``d (phase
+    ``reward``). With ``dynamic_range`` (DAPO's dynamic filtering) the prompt groups ``advantages.
+    dynamic_filter_groups`` drops are replaced by groups of further rounds, at most ``max_rounds`` more, until
+    ``groups`` are kept; a batch still short then is filled with dropped groups (zero advantage under a group
+    baseline: no gradient) so that its shape stays fixed."""
+    import numpy as np
+
+    from jaxrlhf.advantages import dynamic_filter_groups
+
+    kept, dropped, extras = [], [], []
+    num_kept = num_dropped = 0
+    for round_index in range(1 + (max_rounds if dynamic_range else 0)):
+        batch = next_batch(round_index)
+        with timer("reward"):
+            reward, info = score(batch)
+        if not dynamic_range:
+            return batch, reward, info, {}
+        extras.append(info)
+        keep_g = dynamic_filter_groups(reward, n, *dynamic_range)
+        kept.append((batch.select_groups(keep_g, n), reward[np.repeat(keep_g, n)]))
+        dropped.append((batch.select_groups(~keep_g, n), reward[np.repeat(~keep_g, n)]))
+        num_kept, num_dropped = num_kept + int(keep_g.sum()), num_dropped + int((~keep_g).sum())
+        if num_kept >= groups:
+            break
+    parts = [x for x in kept + dropped if x[0].prompts]
+    batch = Batch.concat([b for b, _ in parts], pad_id).select_groups(
+        np.arange(sum(len(b.prompts) for b, _ in parts)) < groups, n)
+    reward = np.concatenate([r for _, r in parts])[:groups * n]
+    info = {k: float(np.mean([e[k] for e in extras if k in e])) for e in extras for k in e}
+    metrics = {"dynamic_filtering/rounds": round_index + 1, "dynamic_filtering/dropped_groups": num_dropped,
+               "dynamic_filtering/pass_rate": num_kept / max(num_kept + num_dropped, 1),
+               "dynamic_filtering/refilled_groups": max(groups - num_kept, 0)}
+    return batch, reward, info, metrics
+
+
+def length_penalties(cfg, reward, rollout) -> tuple:
+    """``(reward, metrics)``: the raw rewards with DAPO's overlong penalty (--overlong_buffer_len) and ProRL's
+    truncation penalty (--stop_properly_penalty_coef) applied (``advantages.overlong_penalty`` /
+    ``stop_properly_penalty``), as OpenRLHF applies them after the rewards and before the advantages."""
+    from jaxrlhf.advantages import overlong_penalty, stop_properly_penalty
+
+    metrics = {}
+    if cfg.overlong_buffer_len is not None:
+        penalty = overlong_penalty(rollout.action_mask.sum(1), max_new_tokens=cfg.generate_max_len,
+                                   buffer_len=cfg.overlong_buffer_len, factor=cfg.overlong_penalty_factor)
+        reward = reward + penalty
+        metrics["penalty/overlong_frac"] = float((penalty < 0).mean())
+    if cfg.stop_properly_penalty_coef is not None:
+        reward = stop_properly_penalty(reward, rollout.truncated, cfg.stop_properly_penalty_coef)
+        metrics["penalty/truncated_frac"] = float(rollout.truncated.mean())
+    return reward, metrics
+
+
+def make_experience_step(cfg, p: Parts, state, batch: Batch, raw, info: dict, timer):
+    """``(Experience, reward_stats, metrics)`` of one scored batch: the forwards (reference back on its devices for the
+    pass with --ref_offload) in the phase ``experience_forward``, the length penalties, the rewards
+    (running-normalised with --normalize_reward and no reward model), the advantages."""
+    from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize
     from sharding import placement
 
+    rollout = batch.rollout
     chunk = cfg.micro_rollout_batch_size * p.dp
     ref = placement.onload(p.ref_params) if cfg.ref_offload and p.ref_params is not None else p.ref_params
     params = {"old_logp": state.actor, "ref_logp": ref, "values": state.critic}
@@ -277,21 +388,23 @@ def make_experience_step(cfg, p: Parts, state, rollout, prompts: list[str], labe
                                   for names, f in p.forwards],
                                  rollout.sequences, rollout.attention_mask, chunk, prompt_len=rollout.prompt_len)
     del ref
-    with timer("reward"):
-        raw, info = score(rollout.sequences, rollout.attention_mask, response_ids=rollout.response_ids(),
-                          chunk=chunk, reward_models=p.reward_models, remote_reward=p.remote_reward,
-                          tokenizer=p.tokenizer, prompts=prompts, labels=labels,
-                          n_samples=cfg.n_samples_per_prompt, normalize=cfg.normalize_reward)
-    reward, stats = raw, state.reward_stats
+    penalised, metrics = length_penalties(cfg, raw, rollout)
+    reward, stats = penalised, state.reward_stats
     if cfg.normalize_reward and p.reward_models is None:
-        reward, stats = running_normalize(raw, stats)
+        reward, stats = running_normalize(penalised, stats)
     exp = make_experience(
         rollout.sequences, rollout.attention_mask, rollout.rollout_logp, prompt_len=rollout.prompt_len,
-        old_logp=outs.get("old_logp"), ref_logp=outs.get("ref_logp"), values=outs.get("values"), raw_reward=raw,
-        reward=reward, estimator=cfg.advantage_estimator, n_samples=cfg.n_samples_per_prompt, kl_coef=state.kl_coef,
-        kl_estimator=cfg.kl_estimator, use_kl_loss=cfg.use_kl_loss, reward_clip_range=cfg.reward_clip_range,
-        gamma=cfg.gamma, lambd=cfg.lambd, std_norm=not cfg.no_advantage_std_norm, info=info)
-    return exp, stats
+        old_logp=outs.get("old_logp"), ref_logp=outs.get("ref_logp"), values=outs.get("values"),
+        raw_reward=penalised, reward=reward, estimator=cfg.advantage_estimator, n_samples=cfg.n_samples_per_prompt,
+        kl_coef=state.kl_coef, kl_estimator=cfg.kl_estimator, use_kl_loss=cfg.use_kl_loss,
+        reward_clip_range=cfg.reward_clip_range, gamma=cfg.gamma, lambd=cfg.lambd,
+        std_norm=not cfg.no_advantage_std_norm, info=info)
+    if metrics:
+        metrics["reward/raw"] = float(raw.mean())
+    if cfg.async_train:  # policy versions between the samples' and the one they update
+        metrics["rollout/staleness_max"] = float(state.step - batch.version.min())
+        metrics["rollout/staleness_mean"] = float(state.step - batch.version.mean())
+    return exp, stats, metrics
 
 
 def adapt_kl(cfg, kl_coef: float, mean_kl: float, n_samples: int) -> float:

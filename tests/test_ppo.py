@@ -13,7 +13,7 @@ from tests.cli_runner import run_cli_with
 from tests.tiny import save_tiny
 
 LOSS_KEYS = ("reward", "actor/loss", "critic/loss", "kl", "response_length")
-TOP_PHASES = ("data", "generate", "experience", "train", "sync", "save")
+TOP_PHASES = ("data", "generate", "reward", "experience", "train", "sync", "save")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_mesh_shapes_give_the_same_losses(setup):
         phases = sum(rec[f"time/{k}"] for k in TOP_PHASES if f"time/{k}" in rec)
         assert abs(phases - rec["step_time"]) <= 0.05 * rec["step_time"], (phases, rec)
         assert rec["time/update_actor"] + rec["time/update_critic"] <= rec["time/train"]
-        assert rec["time/experience_forward"] + rec["time/reward"] <= rec["time/experience"]
+        assert rec["time/experience_forward"] <= rec["time/experience"]
         assert rec["compile/count"] >= 4 and rec["train_tokens_per_s"] > 0
     for mesh in ("8x1", "1x8"):
         for a, b in zip(runs["4x2"], runs[mesh]):

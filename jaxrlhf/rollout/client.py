@@ -28,11 +28,13 @@ class Rollout:
 
     sequences / attention_mask: [B, P + R] int32, the prompt left-padded to P, the response right-padded to R.
     rollout_logp: [B, R] float32, the engine's log-probs of the response tokens (0 on padding).
+    truncated: [B] int32, 1 where the engine stopped at max_tokens (finish_reason "length").
     """
 
     sequences: np.ndarray
     attention_mask: np.ndarray
     rollout_logp: np.ndarray
+    truncated: np.ndarray
     prompt_len: int
 
     @property
@@ -44,26 +46,50 @@ class Rollout:
         p = self.prompt_len
         return [row[p:][mask[p:] > 0].tolist() for row, mask in zip(self.sequences, self.attention_mask)]
 
+    def select(self, rows) -> "Rollout":
+        """The rollout of ``rows`` (indices or a boolean mask), same padding."""
+        return Rollout(self.sequences[rows], self.attention_mask[rows], self.rollout_logp[rows], self.truncated[rows],
+                       prompt_len=self.prompt_len)
 
-def trim_to_buckets(rows: tuple[np.ndarray, np.ndarray, np.ndarray], prompt_len: int,
-                    buckets: Sequence[int] | None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
-    """``(sequences, attention_mask, rollout_logp)`` padded to the maximum lengths -> the same rows with the prompt
-    columns cut to the bucket of the longest prompt (left padding dropped) and the response columns to the bucket
-    of the longest response (``data.loader.bucket_length``), and the new prompt length. Deterministic in the rows,
-    so every process trims the same way."""
+    @staticmethod
+    def concat(parts: Sequence["Rollout"], pad_id: int) -> "Rollout":
+        """One rollout of ``parts`` in order, prompts left-padded to the longest P and responses right-padded to the
+        longest R among them."""
+        P = max(r.prompt_len for r in parts)
+        R = max(r.rollout_logp.shape[1] for r in parts)
+
+        def widen(x, left, right, value):
+            return np.pad(x, ((0, 0), (left, right)), constant_values=value)
+
+        seqs, masks, logps = [], [], []
+        for r in parts:
+            left, right = P - r.prompt_len, R - r.rollout_logp.shape[1]
+            seqs.append(widen(r.sequences, left, right, pad_id))
+            masks.append(widen(r.attention_mask, left, right, 0))
+            logps.append(widen(r.rollout_logp, 0, right, 0.0))
+        return Rollout(np.concatenate(seqs), np.concatenate(masks), np.concatenate(logps),
+                       np.concatenate([r.truncated for r in parts]), prompt_len=P)
+
+
+def trim_to_buckets(rows: tuple[np.ndarray, ...], prompt_len: int,
+                    buckets: Sequence[int] | None) -> tuple[tuple[np.ndarray, ...], int]:
+    """``(sequences, attention_mask, rollout_logp, truncated)`` padded to the maximum lengths -> the same rows with
+    the prompt columns cut to the bucket of the longest prompt (left padding dropped) and the response columns to
+    the bucket of the longest response (``data.loader.bucket_length``), and the new prompt length. Deterministic in
+    the rows, so every process trims the same way."""
     from jaxrlhf.data.loader import bucket_length
 
-    seqs, mask, logp = rows
+    seqs, mask, logp, truncated = rows
     response_len = mask.shape[1] - prompt_len
     p = bucket_length(int(mask[:, :prompt_len].sum(1).max(initial=0)), prompt_len, buckets)
     r = bucket_length(int(mask[:, prompt_len:].sum(1).max(initial=0)), response_len, buckets)
     cols = slice(prompt_len - p, prompt_len + r)
-    return (seqs[:, cols], mask[:, cols], logp[:, :r]), p
+    return (seqs[:, cols], mask[:, cols], logp[:, :r], truncated), p
 
 
 def pad_rows(prompt_rows: list[list[int]], completions: list[Completion], *, pad_id: int, prompt_len: int,
-             response_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(sequences, attention_mask, rollout_logp)`` of ``completions`` (see ``Rollout``)."""
+             response_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(sequences, attention_mask, rollout_logp, truncated)`` of ``completions`` (see ``Rollout``)."""
     from jaxrlhf.data.loader import left_pad, right_pad
 
     p_ids, p_mask = left_pad([prompt_rows[c.prompt_index] for c in completions], pad_id, length=prompt_len)
@@ -71,7 +97,8 @@ def pad_rows(prompt_rows: list[list[int]], completions: list[Completion], *, pad
     logp = np.zeros((len(completions), response_len), np.float32)
     for i, c in enumerate(completions):
         logp[i, :len(c.logprobs)] = c.logprobs
-    return np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1), logp
+    truncated = np.array([c.finish_reason == "length" for c in completions], np.int32)
+    return np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1), logp, truncated
 
 
 class RolloutClient:
@@ -105,17 +132,20 @@ class RolloutClient:
         from sharding.distributed import from_process0
 
         p, r = self.prompt_len, self.response_len
-        like = (((n_rows, p + r), np.int32), ((n_rows, p + r), np.int32), ((n_rows, r), np.float32))
+        like = (((n_rows, p + r), np.int32), ((n_rows, p + r), np.int32), ((n_rows, r), np.float32),
+                ((n_rows,), np.int32))
         return from_process0(lambda: pad_rows(prompts, completions(), pad_id=self.pad_id, prompt_len=p,
                                               response_len=r), like)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> Rollout:
-        n_rows = len(prompt_ids) * sampling.n
         if self.collective:  # every process runs the sampler's (sharded) program: call it everywhere
             done = self.engine.generate(prompt_ids, sampling)
-            rows = self._rows(prompt_ids, lambda: done, n_rows)
-        else:
-            rows = self._rows(prompt_ids, lambda: self.engine.generate(prompt_ids, sampling), n_rows)
+            return self.rollout_of(prompt_ids, lambda: done, sampling.n)
+        return self.rollout_of(prompt_ids, lambda: self.engine.generate(prompt_ids, sampling), sampling.n)
+
+    def rollout_of(self, prompt_ids: list[list[int]], completions: Callable[[], list[Completion]], n: int) -> Rollout:
+        """The ``Rollout`` of process 0's ``completions()`` (``n`` per prompt), on every process."""
+        rows = self._rows(prompt_ids, completions, len(prompt_ids) * n)
         rows, prompt_len = trim_to_buckets(rows, self.prompt_len, self.length_buckets)
         return Rollout(*rows, prompt_len=prompt_len)
 
@@ -165,7 +195,7 @@ class RolloutClient:
             flat = [c for comps in self.engine.generate_each(prompts, greedy) for c in comps]
             return flat + flat[:n_rows - len(flat)]  # engines down right now: repeat rows to keep the shapes fixed
 
-        seqs, attn, engine_logp = self._rows(prompts, completions, n_rows)
+        seqs, attn, engine_logp, _ = self._rows(prompts, completions, n_rows)
         pad = -n_rows % self.chunk
         attn = np.concatenate([attn, attn[:1].repeat(pad, 0)])
         batch = {"sequences": np.concatenate([seqs, seqs[:1].repeat(pad, 0)]), "attention_mask": attn,

@@ -42,10 +42,13 @@ class Experience:
         return len(self.sequences)
 
     def batch(self, rows: np.ndarray, *keys: str) -> dict[str, np.ndarray]:
-        """A train batch: the rows' sequences, masks, token count (the loss normaliser) and the named fields."""
+        """A train batch: the rows' sequences, masks, token and sequence counts (the loss normalisers of
+        ``--loss_agg_mode``) and the named fields."""
         mask = self.action_mask[rows]
         return {"sequences": self.sequences[rows], "attention_mask": self.attention_mask[rows], "action_mask": mask,
-                "num_tokens": np.float32(max(mask.sum(), 1.0)), **{k: getattr(self, k)[rows] for k in keys}}
+                "num_tokens": np.float32(max(mask.sum(), 1.0)),
+                "num_sequences": np.float32(max((mask.sum(1) > 0).sum(), 1.0)),
+                **{k: getattr(self, k)[rows] for k in keys}}
 
 
 def forward_in_chunks(forwards: Sequence[Callable[[dict], Mapping[str, Any]]], sequences: np.ndarray,

@@ -62,17 +62,41 @@ def probe_fn() -> Callable:
     return fn
 
 
+@dataclass(frozen=True)
+class ISCorrection:
+    """The rollout/trainer importance-sampling correction (``losses.is_correction``): ``level`` "off" disables it."""
+
+    level: str = "off"
+    mode: str = "mask"
+    gating: str = "ratio"
+    low: float = 0.5
+    high: float = 5.0
+
+    @property
+    def on(self) -> bool:
+        return self.level != "off"
+
+
 def policy_loss_fn(*, temperature: float, eps_clip_low: float, eps_clip_high: float, dual_clip: Optional[float],
                    entropy_coef: float, use_kl_loss: bool, kl_estimator: str, chunk: int = 128,
-                   on_policy: bool = False) -> Callable:
-    """The actor's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``old_logp``, ``advantages`` and, with
-    ``use_kl_loss``, ``ref_logp`` and ``kl_coef``. ``chunk``: response positions per chunk of the LM head.
+                   on_policy: bool = False, policy_loss_type: str = "ppo", loss_agg_mode: str = "token-mean",
+                   is_correction: ISCorrection = ISCorrection(), kl_unbiased_gradient: bool = False) -> Callable:
+    """The actor's ``loss_fn(model, b) -> (loss, metrics)``; ``b`` has ``old_logp``, ``advantages``, the step's
+    ``num_tokens`` / ``num_sequences``, ``rollout_logp`` with the IS correction, and with ``use_kl_loss``
+    ``ref_logp`` and ``kl_coef``. ``chunk``: response positions per chunk of the LM head.
+
+        pg_bt = ppo_policy_loss | gspo_policy_loss (policy_loss_type)
+        pg_bt = is_correction(old_logp, rollout_logp).coef * pg_bt      (PPO with the IS correction on; GSPO takes
+                                                                          its ratio against rollout_logp instead)
+        L = aggregate(pg_bt, loss_agg_mode) - entropy_coef * token_mean(H)
+            + kl_coef * aggregate(kl_bt, loss_agg_mode)                  (use_kl_loss; kl_loss_unbiased_gradient's
+                                                                          gradient with kl_unbiased_gradient)
 
     ``on_policy``: the rollout trains exactly one optimizer update, so the policy that made the experience is the
     one being differentiated and ``old_logp`` equals this forward's own log-probs: it is taken from them
     (stop-gradient; ratio 1, the same gradient as a separate forward gives, as TRL does with one iteration) and the
-    experience pass skips the actor. ``b`` then has ``rollout_logp`` instead, for the engine-vs-trainer drift
-    metrics ``rollout/logprob_diff_mean`` / ``_max``.
+    experience pass skips the actor. ``b`` then has ``rollout_logp`` too, for the engine-vs-trainer drift metrics
+    ``rollout/logprob_diff_mean`` / ``_max``.
     """
     import jax
     import jax.numpy as jnp
@@ -83,12 +107,34 @@ def policy_loss_fn(*, temperature: float, eps_clip_low: float, eps_clip_high: fl
         logp, entropy = response_logprobs(model, b, temperature=temperature, chunk=chunk,
                                           with_entropy=bool(entropy_coef))
         mask, n = b["action_mask"], b["num_tokens"]
+
+        def agg(x_bt):
+            return losses.aggregate_loss(x_bt, mask, loss_agg_mode, num_tokens_total=n,
+                                         num_sequences_total=b["num_sequences"])
+
         old_logp = jax.lax.stop_gradient(logp) if on_policy else b["old_logp"]
-        pg_bt, clipped_bt = losses.ppo_policy_loss(logp, old_logp, b["advantages"], eps_clip_low=eps_clip_low,
-                                                   eps_clip_high=eps_clip_high, dual_clip=dual_clip)
-        loss = losses.token_mean_over_batch(pg_bt, mask, n)
-        metrics = {"policy_loss": loss, "clip_frac": losses.token_mean_over_batch(clipped_bt, mask, n),
-                   "approx_kl": losses.token_mean_over_batch(old_logp - logp, mask, n)}
+        metrics = {}
+        clips = dict(eps_clip_low=eps_clip_low, eps_clip_high=eps_clip_high, dual_clip=dual_clip)
+        if policy_loss_type == "gspo":
+            ratio_base = b["rollout_logp"] if is_correction.on else old_logp
+            pg_bt, clipped_bt = losses.gspo_policy_loss(logp, ratio_base, b["advantages"], mask, **clips)
+        else:
+            pg_bt, clipped_bt = losses.ppo_policy_loss(logp, old_logp, b["advantages"], **clips)
+        if is_correction.on:
+            c = is_correction
+            coef, filtered, w = losses.is_correction(old_logp, b["rollout_logp"], mask, level=c.level, mode=c.mode,
+                                                     gating=c.gating, low=c.low, high=c.high)
+            if policy_loss_type == "ppo":
+                pg_bt = coef * pg_bt
+            metrics.update({
+                "is/filtered_frac": losses.token_mean_over_batch(filtered, mask, n),
+                "is/ratio_mean": losses.token_mean_over_batch(w, mask, n),
+                "is/ratio_max": jnp.max(jnp.where(mask > 0, w, 0.0)),
+                "is/ratio_min": jnp.min(jnp.where(mask > 0, w, jnp.inf)),
+                "is/rollout_kl": losses.token_mean_over_batch(b["rollout_logp"] - old_logp, mask, n)})
+        loss = agg(pg_bt)
+        metrics.update({"policy_loss": loss, "clip_frac": losses.token_mean_over_batch(clipped_bt, mask, n),
+                        "approx_kl": losses.token_mean_over_batch(old_logp - logp, mask, n)})
         if on_policy:
             drift_bt = jnp.abs(b["rollout_logp"] - jax.lax.stop_gradient(logp))
             metrics["rollout/logprob_diff_mean"] = losses.token_mean_over_batch(drift_bt, mask, n)
@@ -98,7 +144,11 @@ def policy_loss_fn(*, temperature: float, eps_clip_low: float, eps_clip_high: fl
             loss = loss - entropy_coef * ent
             metrics["entropy"] = ent
         if use_kl_loss:
-            kl = losses.token_mean_over_batch(losses.kl_estimate(logp, b["ref_logp"], kl_estimator), mask, n)
+            if kl_unbiased_gradient:
+                kl_bt = losses.kl_loss_unbiased_gradient(logp, b["ref_logp"], old_logp, kl_estimator)
+            else:
+                kl_bt = losses.kl_estimate(logp, b["ref_logp"], kl_estimator)
+            kl = agg(kl_bt)
             loss = loss + b["kl_coef"] * kl
             metrics["kl_loss"] = kl
         return loss, metrics
@@ -156,14 +206,16 @@ class PPOState:
 
 def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step: Callable | None,
                train_batch_size: int, micro_batch: int, max_epochs: int, seed: int, use_kl_loss: bool,
-               on_policy: bool = False, timer=None) -> tuple[PPOState, dict[str, float]]:
+               on_policy: bool = False, rollout_logp: bool = False, timer=None) -> tuple[PPOState, dict[str, float]]:
     """``max_epochs`` passes over ``exp`` (an ``Experience``) in shuffled ``train_batch_size`` batches, each one
     optimizer update of the actor (``actor_step``; None while the actor is frozen) and of the critic (``critic_step``;
     None without one), accumulated over ``micro_batch``-row micro-batches.
 
     ``on_policy``: the actor's loss takes its old log-probs from its own forward (``policy_loss_fn``), so the
-    batch carries the rollout's log-probs instead. The order is seeded by ``(seed, state.step)``: a resumed run
-    repeats it. Returns the new state (``step`` not advanced: the loop does that) and the mean of each loss metric over the updates (``actor/...``, ``critic/...``).
+    batch carries the rollout's log-probs instead; ``rollout_logp``: the batch carries them anyway (the IS
+    correction). The order is seeded by ``(seed, state.step)``: a resumed run
+    repeats it. Returns the new state (``step`` not advanced: the loop does that) and each loss metric over the
+    updates (``actor/...``, ``critic/...``: the mean; ``*_max`` / ``*_min``: the max / min).
     ``timer`` (a ``metrics.PhaseTimer``): each update is waited for inside its phase, ``update_actor`` /
     ``update_critic``, so the seconds are the compute's, not the dispatch's.
     """
@@ -179,7 +231,8 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
     rng = np.random.default_rng([seed, state.step])
     collected: dict[str, list] = {}
     actor, actor_opt, critic, critic_opt = state.actor, state.actor_opt, state.critic, state.critic_opt
-    actor_keys = ("rollout_logp" if on_policy else "old_logp", "advantages") + (("ref_logp",) if use_kl_loss else ())
+    actor_keys = (() if on_policy else ("old_logp",)) + (("rollout_logp",) if on_policy or rollout_logp else ()) + \
+        ("advantages",) + (("ref_logp",) if use_kl_loss else ())
     for _ in range(max_epochs):
         order = rng.permutation(len(exp))
         for a in range(0, len(exp), train_batch_size):
@@ -198,10 +251,11 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
                     critic, critic_opt, m = jax.block_until_ready(
                         critic_step(critic, critic_opt, stack_micro_batches(b, micro_batch)))
                 _collect(collected, m, "critic/")
-    means = {k: float(np.mean([float(x) for x in v])) for k, v in collected.items()}
+    means = {k: float((np.max if k.endswith("_max") else np.min if k.endswith("_min") else np.mean)(
+        [float(x) for x in v])) for k, v in collected.items()}
     return replace(state, actor=actor, actor_opt=actor_opt, critic=critic, critic_opt=critic_opt), means
 
 
 def _collect(into: dict, metrics: dict, prefix: str) -> None:
-    for k, v in metrics.items():  # rollout/* metrics keep their names (the experience pass logs them otherwise)
-        into.setdefault(k if k.startswith("rollout/") else prefix + k, []).append(v)
+    for k, v in metrics.items():  # rollout/*, is/* metrics keep their names (the experience pass logs rollout/*
+        into.setdefault(k if "/" in k else prefix + k, []).append(v)  # otherwise)

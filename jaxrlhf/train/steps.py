@@ -62,8 +62,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     """Build ``step(params, opt_state, micro_batches) -> (params, opt_state, metrics)`` (jitted, donated).
 
     ``params`` / ``opt_state`` are examples whose shardings fix the step's in/out shardings. Metrics are the
-    micro-batch sums of what ``loss_fn`` returns (already globally normalised; names ending in ``_max``: the
-    maximum) plus ``grad_norm``.
+    micro-batch sums of what ``loss_fn`` returns (already globally normalised; names ending in ``_max`` / ``_min``:
+    the maximum / minimum) plus ``grad_norm``.
     """
     p_sh, o_sh = shardings_of(params), shardings_of(opt_state)
 
@@ -79,7 +79,8 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
         grads, metrics = jax.lax.scan(micro, zeros, micro_batches)
-        metrics = {k: m.max(0) if k.endswith("_max") else m.sum(0) for k, m in metrics.items()}
+        metrics = {k: m.max(0) if k.endswith("_max") else m.min(0) if k.endswith("_min") else m.sum(0)
+                   for k, m in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics
