@@ -327,8 +327,8 @@ def main(cfg: PPOConfig) -> dict:
 
         check_fits(plan_ppo(cfg, processes=launch.num_processes), PPO_KNOBS)
     from converters.hf import export_hf
-    from jaxrlhf.ppo_setup import (adapt_kl, build, collect_batch, generate_batch, make_experience_step, score_batch,
-                                   throughput)
+    from jaxrlhf.ppo_setup import (adapt_kl, async_batch, build, checkpoint_trees, collect_batch, generate_batch,
+                                   make_experience_step, score_batch, throughput)
     from jaxrlhf.train.experience import experience_metrics
     from jaxrlhf.train.metrics import PhaseTimer, plot_metrics
     from jaxrlhf.train.ppo_step import ppo_update
@@ -347,7 +347,8 @@ def main(cfg: PPOConfig) -> dict:
             t_step = time.perf_counter()
             timer.reset()
             batch, raw, info, round_metrics = collect_batch(
-                lambda r: generate_batch(cfg, p, step, r, state.step, timer),
+                (lambda r: async_batch(cfg, p, state.step, timer)) if p.pipeline else
+                (lambda r: generate_batch(cfg, p, step, r, state.step, timer)),
                 lambda b: score_batch(cfg, p, b, cfg.micro_rollout_batch_size * p.dp), n=cfg.n_samples_per_prompt,
                 groups=cfg.rollout_batch_size, dynamic_range=cfg.dynamic_filtering_range if cfg.dynamic_filtering
                 else None, max_rounds=cfg.dynamic_filtering_max_rounds, pad_id=p.tokenizer.pad_token_id, timer=timer)
@@ -372,8 +373,8 @@ def main(cfg: PPOConfig) -> dict:
                                                                                 len(exp)))
             with timer("save"):
                 if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or state.step == p.total_steps:
-                    p.ckpt.save(state.step, state.arrays(), {**state.meta(), "data": p.batches.state(),
-                                                             "seed": cfg.seed, "fingerprint": p.fingerprint})
+                    p.ckpt.save(state.step, *checkpoint_trees(state, p.batches, p.pipeline, p.client, p.mesh,
+                                                              cfg.seed, p.fingerprint))
             metrics = {**logged, **round_metrics, **exp_metrics, "kl_coef": state.kl_coef, "actor_lr": float(p.actor_lr(step * p.updates_per_step)),
                        "step_time": time.perf_counter() - t_step, **train_metrics, **timer.metrics(),
                        **throughput(exp, timer.seconds, epochs=cfg.max_epochs, train_actor=train_actor),

@@ -26,6 +26,7 @@ class Parts:
     updates_per_step: int
     on_policy: bool  # the update computes the old log-probs itself (ppo_step.policy_loss_fn): no actor forward
     dp: int
+    mesh: Any  # the main mesh
     model_cfg: Any
     tokenizer: Any
     state: Any  # the (resumed) PPOState
@@ -36,6 +37,7 @@ class Parts:
     reward_models: Any
     remote_reward: Any
     client: Any  # RolloutClient
+    pipeline: Any  # rollout.pipeline.AsyncRollouts with --async_train, else None
     actor_lr: Callable
     ckpt: Any
     logger: Any
@@ -140,12 +142,13 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     client = _client(cfg, actor, tokenizer, mesh, data, probe_forward=steps.pop("probe"), chunk=(
         cfg.micro_rollout_batch_size * dp), model_cfg=model_cfg, run=run)
     del actor  # the engine and actor_params hold what is needed
+    pipeline = _pipeline(cfg, client, run)
 
     state = PPOState(actor=actor_params, actor_opt=steps.pop("actor_opt"), critic=critic_params,
                      critic_opt=steps.pop("critic_opt"), kl_coef=cfg.init_kl_coef)
-    ckpt, logger, state, fingerprint = _resume(cfg, run, state, batches, data, total_steps)
+    ckpt, logger, state, fingerprint = _resume(cfg, run, state, batches, data, total_steps, pipeline, mesh)
     return Parts(data=data, batches=batches, total_steps=total_steps, updates_per_step=updates_per_step,
-                 on_policy=on_policy, dp=dp,
+                 on_policy=on_policy, dp=dp, mesh=mesh, pipeline=pipeline,
                  model_cfg=model_cfg, tokenizer=tokenizer, state=state, ref_params=ref_params,
                  reward_models=reward_models, remote_reward=remote_reward, client=client, ckpt=ckpt, logger=logger,
                  fingerprint=fingerprint, **steps)
@@ -231,8 +234,48 @@ def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, mod
         length_buckets=cfg.buckets)
 
 
-def _resume(cfg, run, state, batches, data, total_steps: int):
-    """``(checkpointer, logger, state, fingerprint)``: ``state`` restored from ``--ckpt_path`` when resuming."""
+def _pipeline(cfg, client, run):
+    """--async_train's ``AsyncRollouts`` over the vLLM pool (its engine proxied so that syncs take their turn)."""
+    from jaxrlhf.rollout.pipeline import AsyncRollouts
+
+    if not cfg.async_train:
+        return None
+    if not cfg.vllm_num_engines:
+        raise ValueError("--async_train overlaps the engines' generation with the update: it needs the vLLM pool "
+                         "(--vllm_num_engines >= 1); the JAX sampler runs on the training devices themselves")
+    pipeline = AsyncRollouts(client.engine, queue_size=cfg.async_queue_size, partial=cfg.partial_rollout,
+                             segment_tokens=cfg.partial_rollout_tokens)
+    if client.engine is not None:
+        client.engine = pipeline.guard(client.engine)
+    run.callback(pipeline.close)
+    print(f"[ppo] async training: {cfg.async_queue_size} batch(es) generated ahead of the update"
+          + (f", weight syncs every {cfg.partial_rollout_tokens} generated tokens (partial rollout)"
+             if cfg.partial_rollout else ""), file=sys.stderr)
+    return pipeline
+
+
+def _replicated(tree, mesh):
+    """Host arrays -> jax arrays replicated over ``mesh`` (what a checkpoint's array tree holds)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec())), tree)
+
+
+def checkpoint_trees(state, batches, pipeline, client, mesh, seed: int, fingerprint: dict) -> tuple[dict, dict]:
+    """``(arrays, meta)`` of a PPO checkpoint: the state, the data position and, with --async_train, the batches
+    generated but not trained on yet (waited for first)."""
+    arrays = state.arrays()
+    meta = {**state.meta(), "data": batches.state(), "seed": seed, "fingerprint": fingerprint}
+    if pipeline is not None:
+        pipeline.ready(client)
+        arrays["async"], meta["async"] = _replicated(pipeline.arrays(), mesh), pipeline.meta()
+    return arrays, meta
+
+
+def _resume(cfg, run, state, batches, data, total_steps: int, pipeline, mesh):
+    """``(checkpointer, logger, state, fingerprint)``: ``state`` restored from ``--ckpt_path`` when resuming (with
+    --async_train, the batches in flight too)."""
     from jaxrlhf.train.checkpoint import Checkpointer, abstract_like
     from jaxrlhf.train.run import data_fingerprint, open_logger, resume_step
 
@@ -244,9 +287,23 @@ def _resume(cfg, run, state, batches, data, total_steps: int):
     last = resume_step(ckpt, ckpt_path=cfg.ckpt_path, load_checkpoint=cfg.load_checkpoint, fingerprint=fingerprint,
                        allow_config_change=cfg.allow_config_change)
     if last is not None:
-        arrays, meta = ckpt.restore(last, abstract_like(state.arrays()))
+        target = state.arrays()
+        saved_async = ckpt.read_meta(last).get("async")
+        if pipeline is not None and saved_async:
+            import jax
+
+            target["async"] = jax.tree_util.tree_map(
+                lambda sd: jax.ShapeDtypeStruct(*sd, sharding=jax.sharding.NamedSharding(
+                    mesh, jax.sharding.PartitionSpec())), pipeline.abstract(saved_async),
+                is_leaf=lambda x: isinstance(x, tuple))
+        elif pipeline is not None or saved_async:
+            raise ValueError(f"{cfg.ckpt_path} was written {'without' if pipeline is not None else 'with'} "
+                             "--async_train: resume it the same way")
+        arrays, meta = ckpt.restore(last, abstract_like(target))
         state = state.restored(arrays, meta)
         batches.load_state(meta["data"])
+        if pipeline is not None:
+            pipeline.restore(arrays["async"], meta["async"], lambda idx: data.batch(idx)[1])
         print(f"[ckpt] resumed from step {state.step} of {cfg.ckpt_path}", file=sys.stderr)
     logger = run.enter_context(open_logger(cfg, os.path.join(cfg.save_path, "logs"), total_steps=total_steps,
                                            progress_keys=("reward", "kl", "step_time"), resumed=last is not None))
@@ -304,6 +361,29 @@ def generate_batch(cfg, p: Parts, step: int, round_index: int, version: int, tim
     with timer("generate"):
         rollout = p.client.generate(prompt_ids, sampling_params(cfg, step, round_index))
     return Batch(prompts, labels, rollout, np.full(len(rollout.sequences), version))
+
+
+def async_batch(cfg, p: Parts, version: int, timer) -> Batch:
+    """--async_train's next batch: the oldest in flight (``rollout.pipeline``), after which batches generated by the
+    engines' current weights (policy ``version``) are submitted until --async_queue_size are in flight."""
+    import numpy as np
+
+    pipe = p.pipeline
+
+    def submit():
+        with timer("data"):
+            indices = p.batches.next_batch()
+            prompt_ids = p.data.batch(indices)[1]
+        pipe.submit(indices, prompt_ids, sampling_params(cfg, pipe.submitted), version)
+
+    if not pipe.pending:
+        submit()
+    with timer("generate"):
+        item, rollout = pipe.take(p.client)
+    while len(pipe.pending) < cfg.async_queue_size:
+        submit()
+    prompts, _, labels = p.data.batch(item.indices)
+    return Batch(prompts, labels, rollout, np.full(len(rollout.sequences), item.version))
 
 
 def score_batch(cfg, p: Parts, batch: Batch, chunk: int):
