@@ -255,37 +255,6 @@ def _running(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def test_ppo_with_two_engines_logs_small_logprob_drift(tmp_path):
-    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-    from jaxrlhf.demo import CHARS, REWARD_PY
-    from jaxrlhf.ppo import PPOConfig, main
-
-    save_tiny("llama3", tmp_path / "model", vocab_size=32, max_position_embeddings=64, **VLLM_SHAPE)
-    build_tiny_tokenizer(str(tmp_path / "model"), CHARS)
-    with open(tmp_path / "prompts.jsonl", "w") as f:
-        for a in range(4):
-            for b in range(4):
-                f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
-    (tmp_path / "reward.py").write_text(REWARD_PY)
-    cfg = PPOConfig(pretrain=str(tmp_path / "model"), prompt_data=str(tmp_path / "prompts.jsonl"),
-                    input_key="question", label_key="answer", remote_rm_url=str(tmp_path / "reward.py"),
-                    prompt_max_len=4, generate_max_len=3, rollout_batch_size=8, n_samples_per_prompt=2,
-                    micro_rollout_batch_size=2, train_batch_size=8, micro_train_batch_size=1, max_steps=3,
-                    num_episodes=2, actor_learning_rate=1e-3, critic_learning_rate=1e-3, init_kl_coef=0.05,
-                    save_path=str(tmp_path / "run"), ckpt_path=str(tmp_path / "run" / "ckpt"), seed=7,
-                    vllm_num_engines=2, vllm_kv_cache_mb=64, vllm_sync_check="every",
-                    vllm_sync_backend=SYNC_BACKEND)
-    out = main(cfg)
-    log = [json.loads(line) for line in open(out["log"])]
-    assert len(log) == 3
-    for rec in log:
-        # Engines sample with the weights the trainer scores with: fp32 noise only.
-        assert rec["rollout/logprob_diff_max"] < 1e-3, rec["rollout/logprob_diff_max"]
-        assert rec["sync_check/logprob_diff_max"] < 1e-3
-        assert rec["sync/seconds"] > 0
-    assert log[-1]["actor/loss"] == log[-1]["actor/loss"]  # finite
-
-
 def _ppo_setup(tmp_path):
     from jaxrlhf.data.tokenizer import build_tiny_tokenizer
     from jaxrlhf.demo import CHARS, REWARD_PY
@@ -299,7 +268,7 @@ def _ppo_setup(tmp_path):
     (tmp_path / "reward.py").write_text(REWARD_PY)
 
 
-def _async_cfg(tmp_path, run, **kw):
+def _ppo_cfg(tmp_path, run, **kw):
     from jaxrlhf.ppo import PPOConfig
 
     base = dict(pretrain=str(tmp_path / "model"), prompt_data=str(tmp_path / "prompts.jsonl"), input_key="question",
@@ -308,10 +277,32 @@ def _async_cfg(tmp_path, run, **kw):
                 micro_train_batch_size=1, max_steps=4, num_episodes=4, actor_learning_rate=1e-3,
                 advantage_estimator="group_norm", init_kl_coef=0.0, save_path=str(tmp_path / run),
                 ckpt_path=str(tmp_path / run / "ckpt"), seed=7, vllm_num_engines=1, vllm_kv_cache_mb=64,
-                vllm_sync_backend=SYNC_BACKEND, async_train=True, is_correction_level="token",
-                is_correction_mode="clip", is_correction_threshold=(0.5, 2.0))
+                vllm_sync_backend=SYNC_BACKEND)
     base.update(kw)
     return PPOConfig(**base)
+
+
+def _async_cfg(tmp_path, run, **kw):
+    return _ppo_cfg(tmp_path, run, **{**dict(async_train=True, is_correction_level="token", is_correction_mode="clip",
+                                             is_correction_threshold=(0.5, 2.0)), **kw})
+
+
+def test_ppo_with_two_engines_logs_small_logprob_drift(tmp_path):
+    from jaxrlhf.ppo import main
+
+    _ppo_setup(tmp_path)
+    cfg = _ppo_cfg(tmp_path, "run", rollout_batch_size=8, micro_rollout_batch_size=2, max_steps=3, num_episodes=2,
+                   critic_learning_rate=1e-3, init_kl_coef=0.05, advantage_estimator="gae", vllm_num_engines=2,
+                   vllm_sync_check="every")
+    out = main(cfg)
+    log = [json.loads(line) for line in open(out["log"])]
+    assert len(log) == 3
+    for rec in log:
+        # Engines sample with the weights the trainer scores with: fp32 noise only.
+        assert rec["rollout/logprob_diff_max"] < 1e-3, rec["rollout/logprob_diff_max"]
+        assert rec["sync_check/logprob_diff_max"] < 1e-3
+        assert rec["sync/seconds"] > 0
+    assert log[-1]["actor/loss"] == log[-1]["actor/loss"]  # finite
 
 
 def test_async_training_staleness_and_resume(tmp_path):
@@ -337,11 +328,15 @@ def test_async_training_staleness_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_partial_rollout_runs_with_two_batches_in_flight(tmp_path):
-    """A PPO run with --partial_rollout (syncs between 1-token segments) and two batches in flight: staleness <= 2."""
+    """A PPO run with --partial_rollout (syncs between 1-token segments) and two batches in flight, with GSPO, DAPO's
+    dynamic filtering and overlong penalty on the pool: staleness <= 2, every part logged."""
     from jaxrlhf.ppo import main
 
     _ppo_setup(tmp_path)
     log = [json.loads(line) for line in open(main(_async_cfg(
-        tmp_path, "partial", partial_rollout=True, partial_rollout_tokens=1, async_queue_size=2))["log"])]
+        tmp_path, "partial", partial_rollout=True, partial_rollout_tokens=1, async_queue_size=2,
+        policy_loss_type="gspo", dynamic_filtering=True, dynamic_filtering_max_rounds=1,
+        overlong_buffer_len=1.0))["log"])]
     assert len(log) == 4 and max(r["rollout/staleness_max"] for r in log) <= 2
     assert all(math.isfinite(r["actor/loss"]) for r in log)
+    assert all(r["dynamic_filtering/rounds"] in (1, 2) and "penalty/overlong_frac" in r for r in log)
