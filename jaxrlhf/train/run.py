@@ -194,6 +194,15 @@ def wandb_setting(flag: str | None):
     return True if flag.strip().lower() == "true" else flag
 
 
+def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with secrets (a set ``*_token`` field, a W&B API key in ``use_wandb``) replaced by ``"<hidden>"``:
+    what goes to W&B."""
+    def secret(k: str, v: Any) -> bool:
+        return bool(v) and (k.endswith("_token") or (k == "use_wandb" and wandb_setting(v) not in (True, False)))
+
+    return {k: "<hidden>" if secret(k, v) else v for k, v in config.items()}
+
+
 def open_logger(cfg: RunFlags, log_dir: str, *, total_steps: int, progress_keys: tuple[str, ...], resumed: bool):
     """``MetricsLogger`` in ``log_dir`` from the logging flags. ``metrics.jsonl`` continues when the run resumes and
     starts fresh otherwise (an earlier run's file is kept as ``metrics.jsonl.prev``)."""
@@ -201,7 +210,7 @@ def open_logger(cfg: RunFlags, log_dir: str, *, total_steps: int, progress_keys:
 
     return MetricsLogger(log_dir, use_tensorboard=cfg.use_tensorboard, use_wandb=wandb_setting(cfg.use_wandb),
                          wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                         config=config_to_dict(cfg), total_steps=total_steps, progress_keys=progress_keys,
+                         config=without_secrets(config_to_dict(cfg)), total_steps=total_steps, progress_keys=progress_keys,
                          fresh=not resumed)
 
 
