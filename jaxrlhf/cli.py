@@ -325,9 +325,15 @@ def _load_yaml(path: str, parser: _Parser, fields: list[_Field]) -> dict[str, An
     if not p.is_file():
         parser.error(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
+        check_utf8(p, f"--config {path}")
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8
+        parser.error(str(e))
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read it ({e.strerror or e})")
     except yaml.YAMLError as e:
-        parser.error(f"--config {path}: not valid YAML: {e}")
+        where = str(e).replace("<unicode string>", path)
+        parser.error(f"--config {path}: not valid YAML: {' '.join(where.split())}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -346,6 +352,39 @@ def _load_yaml(path: str, parser: _Parser, fields: list[_Field]) -> dict[str, An
         except ValueError as e:
             parser.error(f"--config {path}: key {key!r}: {e}")
     return out
+
+
+def line_of(path: str | Path, offset: int) -> int:
+    """The 1-based line number of byte ``offset`` of the file at ``path`` (read in chunks)."""
+    lines = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(offset, 1 << 24))
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            offset -= len(chunk)
+    return lines
+
+
+def check_utf8(path: str | Path, what: str) -> None:
+    """ValueError naming ``what`` (e.g. "dataset 'x.jsonl'") and the line where ``path`` stops being UTF-8 text."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset - len(decoder.getstate()[0]) + e.start
+                raise ValueError(f"{what}: line {line_of(path, at)} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                                 f"at offset {at}): save the file as UTF-8") from None
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str | None = None) -> T:
@@ -379,6 +418,16 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str | Non
         return cls(**values)
     except ValueError as e:
         parser.error(f"invalid configuration: {e}")
+
+
+def error_text(e: BaseException) -> str:
+    """An error as the one line a CLI prints after ``error:``: an ``OSError`` as "PATH: reason" (what failed where),
+    a ``KeyError`` as its message, anything else as its text with line breaks folded."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+        return f"{where}: {e.strerror}"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split())
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -47,19 +47,19 @@ TOKEN_ENV = "JAXRLHF_RM_TOKEN"  # the HTTP reward client (jaxrlhf/rewards/http.p
 
 
 def load_reward_func(path: str) -> Callable[..., Any]:
-    """`reward_func` from the Python file at `path`, imported with importlib."""
+    """`reward_func` from the Python file at `path`, imported with importlib (ValueError when it has none)."""
     abspath = os.path.abspath(path)
     if not os.path.isfile(abspath):
-        raise SystemExit(f"reward file {path!r} not found (looked at {abspath})")
+        raise ValueError(f"reward file {path!r} not found (looked at {abspath})")
     spec = importlib.util.spec_from_file_location("reward_server_reward_func", abspath)
     if spec is None or spec.loader is None:
-        raise SystemExit(f"reward file {abspath}: Python cannot import it")
+        raise ValueError(f"reward file {abspath}: Python cannot import it")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     reward_func = getattr(module, "reward_func", None)
     if not callable(reward_func):
-        raise SystemExit(f"reward file {abspath} must define `def reward_func(queries, prompts, labels): ...`")
+        raise ValueError(f"reward file {abspath} must define `def reward_func(queries, prompts, labels): ...`")
     return reward_func
 
 
@@ -212,7 +212,8 @@ class RewardServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="reward_server_example.py", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument(
         "--reward_file", required=True, help="Python file defining reward_func(queries, prompts, labels)"
     )

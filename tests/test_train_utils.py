@@ -235,6 +235,8 @@ def test_metrics_disabled_and_errors(tmp_path, monkeypatch) -> None:
             ml.log(1, {"v": jnp.ones(3)})
         with pytest.raises(ValueError, match="reserved"):
             ml.log(1, {"step": 1})
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing was logged: no empty log is left behind
+    (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="no metric records"):
         plot_metrics(tmp_path / "metrics.jsonl", ["v"], tmp_path / "x.png")
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError

@@ -43,6 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from converters.atomic import check_writable, make_dirs, remove_if_empty
 from sharding import path_str
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
         self.directory = Path(directory).expanduser().absolute()  # Orbax needs an absolute path
         self.max_to_keep = max_to_keep
+        self._created: list[str] = []
         _on_process0(self._make_directory)  # an error there (a file in the way, no permission) reaches every process
         _on_process0(self._set_aside_incomplete_steps)
         options = ocp.CheckpointManagerOptions(
@@ -148,6 +150,7 @@ class Checkpointer:
         """Wait for saves in flight and release Orbax's threads."""
         self.wait()
         self._manager.close()
+        remove_if_empty(self._created)  # a run that saved nothing leaves no empty --ckpt_path behind
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -167,7 +170,8 @@ class Checkpointer:
     def _make_directory(self) -> None:
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"checkpoint directory {self.directory} is a file: pass a directory as --ckpt_path")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        check_writable(str(self.directory), "--ckpt_path")  # a file above it, a read-only directory
+        self._created = make_dirs(self.directory)
 
     def _set_aside_incomplete_steps(self) -> None:
         """Rename step directories that lack a commit marker to ``<step>.incomplete-<time>`` (process 0)."""

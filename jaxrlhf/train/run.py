@@ -113,15 +113,17 @@ def start_meshes(cfg: RunFlags, roles: Mapping[str, Optional[str]] | None = None
     return launch, meshes
 
 
-def prepare_outputs(save_path: str, *exports: str) -> None:
-    """Before a run writes anything: finish or clean up what an export killed mid-way left behind in ``save_path``
-    and its model sub-directories ``exports`` (converters/atomic.py; process 0 only, errors reach every process)."""
-    from converters.atomic import recover
+def prepare_outputs(save_path: str, *exports: str, ckpt_path: str | None = None) -> None:
+    """Before a run writes anything: refuse a ``save_path`` (or ``ckpt_path``) that cannot be a writable directory,
+    then finish or clean up what an export killed mid-way left behind in ``save_path`` and its model
+    sub-directories ``exports`` (converters/atomic.py; process 0 only, errors reach every process)."""
+    from converters.atomic import check_writable, recover
     from sharding.distributed import from_process0
 
     def run() -> np.int32:
-        if os.path.exists(save_path) and not os.path.isdir(save_path):
-            raise ValueError(f"--save_path {save_path} is a file: pass a directory")
+        check_writable(os.path.abspath(save_path), "--save_path")
+        if ckpt_path is not None:
+            check_writable(os.path.abspath(ckpt_path), "--ckpt_path")
         for path in (save_path, *(os.path.join(save_path, e) for e in exports)):
             recover(path)
         return np.int32(0)
