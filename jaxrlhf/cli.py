@@ -26,7 +26,8 @@ Rules
   (accepted spellings: true/false, yes/no, on/off, 1/0), and a field whose default is True also gets ``--no_flag``.
 - ``Optional[X]``: the words ``none`` / ``null`` (any case) give None. A field whose default is None
   (``name: str = arg(None, ...)``) counts as Optional.
-- Unknown keys (command line or YAML) are errors that name the key and suggest the closest field (difflib).
+- Unknown keys (command line or YAML) are errors that name the key and suggest the closest field (difflib). A
+  ``--config`` file that is missing, not UTF-8 (the line is named), not YAML or not a mapping is an error too.
   Prefix abbreviations (``--learning`` for ``--learning_rate``) are refused: they break silently when a field is added.
 - Errors (bad values, unknown keys, a ``ValueError`` raised by the config's ``__post_init__``) are printed argparse
   style (``prog: error: ...``) and exit with code 2, no traceback.

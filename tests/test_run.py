@@ -135,3 +135,13 @@ def test_unwritable_or_blocked_output_paths_are_named(tmp_path):
     with pytest.raises(NotADirectoryError, match="is a file: pass a directory as --save_path"):
         prepare_outputs(str(tmp_path / "f"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing created, no probe left
+
+
+def test_secrets_do_not_reach_wandb_config():
+    from jaxrlhf.train.run import without_secrets
+
+    got = without_secrets({"remote_rm_token": "s3cret", "use_wandb": "0123abcd", "tokenizer_chat_template": "{{x}}",
+                           "remote_rm_url": "http://h/x", "unset_token": None})
+    assert got == {"remote_rm_token": "<hidden>", "use_wandb": "<hidden>", "tokenizer_chat_template": "{{x}}",
+                   "remote_rm_url": "http://h/x", "unset_token": None}
+    assert without_secrets({"use_wandb": "true"}) == {"use_wandb": "true"}

@@ -17,6 +17,8 @@ directory is counted as finished only if it also holds a commit marker (``commit
 in ``_CHECKPOINT_METADATA``). A step directory without one (a copy cut short, a filesystem without atomic rename) is
 moved aside to ``<step>.incomplete-<unix time>`` with a warning when the ``Checkpointer`` starts, so neither
 ``latest_step`` nor Orbax's ``max_to_keep`` bookkeeping ever sees it and a later save of that step does not collide.
+A killed save's ``*.orbax-checkpoint-tmp*`` directory is deleted when the next ``Checkpointer`` starts, and a run
+that saved nothing removes the empty directory it created (tests/test_fault_injection.py kills real runs).
 
 Saving is asynchronous: ``save`` returns once the arrays are copied to host memory (so the caller may donate or
 overwrite them), and the files are written in the background. ``wait()`` blocks until they are on disk;
@@ -66,7 +68,8 @@ class Checkpointer:
         _on_process0(self._make_directory)  # an error there (a file in the way, no permission) reaches every process
         _on_process0(self._set_aside_incomplete_steps)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # a killed run's half-written temporaries go at the next start
         )
         # Handlers registered up front: a fresh process (a resumed run) must be able to read item metadata
         # before it has saved anything itself.
