@@ -73,6 +73,8 @@ CASES = [
     ("sft-mesh-zero", "sft", "--mesh 0x2", "mesh '0x2'"),
     ("sft-mesh-axis-twice", "sft", "--mesh fsdp=2,fsdp=2", "axis 'fsdp' given twice"),
     ("ppo-mesh-words", "ppo", "--mesh 4y2", "mesh '4y2' is not understood"),
+    ("sft-mesh-too-big", "sft", "--mesh 4x3", "mesh 4x3 needs 12 devices, 8 available"),  # conftest: 8 devices
+    ("ppo-mesh-too-big", "ppo", "--mesh 2x2x4", "mesh 2x2x4 needs 16 devices, 8 available"),
     ("sft-indivisible", "sft", "--train_batch_size 20", "--train_batch_size 20"),
     ("rm-indivisible", "rm", "--train_batch_size 10 --micro_train_batch_size 1", "--train_batch_size 10"),
     ("ppo-indivisible", "ppo", "--rollout_batch_size 3", "--rollout_batch_size"),
@@ -321,3 +323,31 @@ def test_table_counts(results, files, capsys):
         print(f"\nbad-input table: tried {len(CASES)} / clear {tally['clear']} / traceback {tally['traceback']} / "
               f"silent {tally['silent']} / unclear {tally['unclear']}")
     assert tally["clear"] == len(CASES)
+
+
+@pytest.mark.slow
+def test_ppo_against_a_reward_server_that_wants_a_token(files, tmp_path):
+    """A real PPO start (slow tier): without the token the run stops at the first reward request with one line naming
+    the URL, HTTP 401 and JAXRLHF_RM_TOKEN; with --remote_rm_token it trains; no empty outputs either way."""
+    import threading
+
+    from tests.test_rewards_remote import server_module
+
+    root, paths = files
+    server = server_module.RewardServer(server_module.load_reward_func(paths["REWARD"]), quiet=True, token="tok")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        p = {**paths, "REWARD": server.url}
+        calls = [{"entry": ENTRIES["ppo"], "argv": _argv("ppo", extra, {**p, "OUT": str(tmp_path / name)}),
+                  "env": {"JAXRLHF_RM_TOKEN": ""}} for name, extra in (("no_token", ""),
+                                                                         ("token", "--remote_rm_token tok"))]
+        (no_token, ok) = run_clis_forked(calls, str(tmp_path), preload=PRELOAD, timeout_s=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _verdict(*no_token, f"reward server {server.url} rejected the request with HTTP 401") == "clear", no_token
+    assert "JAXRLHF_RM_TOKEN" in no_token[2]
+    assert not (tmp_path / "no_token").exists()  # the failed run left no empty checkpoint directory or log
+    assert ok[0] == 0, ok[2][-3000:]
+    assert (tmp_path / "token" / "logs" / "metrics.jsonl").exists()
