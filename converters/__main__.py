@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m converters", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("hf-to-flax", help="HF safetensors directory -> converted jaxrlhf checkpoint", allow_abbrev=False)
+    a = sub.add_parser("hf-to-flax", help="HF safetensors directory -> converted jaxrlhf checkpoint",
+                       allow_abbrev=False)
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--mesh", default=None, help="load sharded over this mesh (e.g. 4x2); default: one device")

@@ -77,8 +77,8 @@ def run_clis_forked(calls: list[dict], workdir: str, *, preload: tuple[str, ...]
     with open(spec, "w") as f:
         json.dump(cases, f)
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run([sys.executable, "-c", FORK_DRIVER, spec, codes_file, json.dumps(list(preload))], cwd=root, env=env, check=True,
-                   timeout=timeout_s * len(cases) + 120)
+    subprocess.run([sys.executable, "-c", FORK_DRIVER, spec, codes_file, json.dumps(list(preload))], cwd=root,
+                   env=env, check=True, timeout=timeout_s * len(cases) + 120)
     with open(codes_file) as f:
         codes = json.load(f)
     out = []

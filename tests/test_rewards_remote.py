@@ -419,7 +419,7 @@ def test_reward_server_reports_reward_func_errors_as_500(tmp_path):
     assert "ZeroDivisionError" not in str(info.value)  # the exception text stays in the server's log
 
 
-# ---------------------------------------------------------------- hardening (issue 16): token, limits, redirects, deadline
+# ---------------------------------------------------------------- hardening: token, limits, redirects, deadline
 
 
 def test_reward_server_token_is_required_and_the_client_sends_it(tmp_path, monkeypatch):

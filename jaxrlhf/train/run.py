@@ -212,8 +212,8 @@ def open_logger(cfg: RunFlags, log_dir: str, *, total_steps: int, progress_keys:
 
     return MetricsLogger(log_dir, use_tensorboard=cfg.use_tensorboard, use_wandb=wandb_setting(cfg.use_wandb),
                          wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                         config=without_secrets(config_to_dict(cfg)), total_steps=total_steps, progress_keys=progress_keys,
-                         fresh=not resumed)
+                         config=without_secrets(config_to_dict(cfg)), total_steps=total_steps,
+                         progress_keys=progress_keys, fresh=not resumed)
 
 
 def stop_if_not_finite(values: Mapping[str, float], *, step: int, ckpt, ckpt_path: str, hint: str) -> None:
