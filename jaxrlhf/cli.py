@@ -368,15 +368,16 @@ def line_of(path: str | Path, offset: int) -> int:
     return lines
 
 
-def check_utf8(path: str | Path, what: str) -> None:
-    """ValueError naming ``what`` (e.g. "dataset 'x.jsonl'") and the line where ``path`` stops being UTF-8 text."""
+def check_utf8(path: str | Path, what: str, *, chunk_bytes: int = 1 << 24) -> None:
+    """ValueError naming ``what`` (e.g. "dataset 'x.jsonl'") and the line where ``path`` stops being UTF-8 text.
+    Reads ``chunk_bytes`` at a time (a character split between chunks is fine)."""
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     with open(path, "rb") as f:
         while True:
-            chunk = f.read(1 << 24)
+            chunk = f.read(chunk_bytes)
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:

@@ -39,6 +39,8 @@ from converters import atomic, hf
 kill = os.environ.get("KILL_AT")
 if kill:
     atomic._at = lambda point: point == kill and os.kill(os.getpid(), signal.SIGKILL)
+if os.environ.get("NO_EXCHANGE"):  # the two-rename fallback (no renameat2): old -> .old-*, new -> DST
+    atomic.exchange = lambda a, b: False
 for name in ("export_hf", "save_flax"):
     def traced(*a, _orig=getattr(hf, name), **k):
         print("exporting", flush=True)
@@ -52,20 +54,21 @@ else:
 print("started", flush=True)
 sys.exit(cli(sys.argv[2:]))
 """
-SWAP_STEPS = ("written", "before_swap", "swapped", "carrying", "trashed")
+SWAP_STEPS = ("written", "before_swap", "between_renames", "swapped", "carrying", "trashed")
 
 
-def launch(entry: str, argv: list[str], kill_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+def launch(entry: str, argv: list[str], kill_at: str | None = None, no_exchange: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "NO_EXCHANGE": "1" if no_exchange else ""}
     if kill_at:
         env["KILL_AT"] = kill_at
     return subprocess.Popen([sys.executable, "-c", WRAPPER, entry, *argv], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run(entry: str, argv: list[str], *, kill_at: str | None = None, kill_after: tuple[str, float] | None = None):
+def run(entry: str, argv: list[str], *, kill_at: str | None = None, kill_after: tuple[str, float] | None = None,
+        no_exchange: bool = False):
     """Run to the end, or SIGKILL ``kill_after[1]`` seconds after the line ``kill_after[0]``; the exit code."""
-    proc = launch(entry, argv, kill_at)
+    proc = launch(entry, argv, kill_at, no_exchange)
     if kill_after is not None:
         marker, delay = kill_after
         for line in proc.stdout:
@@ -113,8 +116,10 @@ def two_models(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("command", ["flax-to-hf", "hf-to-flax"])
-def test_converter_killed_anywhere_keeps_the_previous_conversion(two_models, tmp_path, command):
+@pytest.mark.parametrize("command, no_exchange", [("flax-to-hf", False), ("hf-to-flax", False), ("flax-to-hf", True)])
+def test_converter_killed_anywhere_keeps_the_previous_conversion(two_models, tmp_path, command, no_exchange):
+    """``no_exchange``: the swap is two renames; a kill between them leaves no DST, and the next run puts the
+    previous conversion (moved aside as ``.out.old-*``) back before anything else."""
     read = hf_tensors if command == "flax-to-hf" else flax_params
     a, b = str(two_models / "a"), str(two_models / "b")
     dst = tmp_path / "out"
@@ -126,8 +131,13 @@ def test_converter_killed_anywhere_keeps_the_previous_conversion(two_models, tmp
     outcomes = set()
     for how, where in kills:
         args = ["--quiet", command, b, str(dst), "--overwrite", *extra]
-        code = run("converters", args, kill_at=where) if how == "at" else \
-            run("converters", args, kill_after=("exporting", where))
+        code = run("converters", args, kill_at=where, no_exchange=no_exchange) if how == "at" else \
+            run("converters", args, kill_after=("exporting", where), no_exchange=no_exchange)
+        if not dst.exists():  # killed between the fallback's two renames: recover() restores the previous one
+            assert no_exchange and where == "between_renames", (how, where)
+            from converters.atomic import recover
+
+            assert any("restored the previous" in r for r in recover(str(dst))), siblings(dst)
         got = read(dst)  # loads: complete, whichever it is
         if want["b"] is None and not same(got, want["a"]):
             want["b"] = got
