@@ -231,11 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: listening on {args.host} without a token: anyone who reaches the port can call "
               f"reward_func; set {TOKEN_ENV} (or --token)", file=sys.stderr)
     try:
-        server = RewardServer(load_reward_func(args.reward_file), args.host, args.port, quiet=args.quiet,
-                              token=args.token, read_timeout_s=args.read_timeout,
-                              max_body_bytes=int(args.max_body_mb * (1 << 20)), max_workers=args.max_workers)
-    except (ValueError, OSError) as e:
+        reward_func = load_reward_func(args.reward_file)
+        server = RewardServer(reward_func, args.host, args.port, quiet=args.quiet, token=args.token,
+                              read_timeout_s=args.read_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                              max_workers=args.max_workers)
+    except ValueError as e:
         parser.error(str(e))
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        parser.error(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     print(f"serving {os.path.abspath(args.reward_file)}{' (token required)' if server.token else ''} at {server.url}",
           flush=True)
     try:

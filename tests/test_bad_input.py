@@ -155,6 +155,8 @@ CASES = [
     ("server-no-reward-func", "server", "--reward_file {NO_FUNC} --port 0", "must define `def reward_func"),
     ("server-bad-port", "server", "--reward_file {REWARD} --port http", "argument --port: invalid int value"),
     ("server-abbreviated", "server", "--reward_file {REWARD} --tok x", "unrecognized arguments: --tok"),
+    ("server-bad-host", "server", "--reward_file {REWARD} --host 192.0.2.1 --port 0", "cannot listen on 192.0.2.1:0"),
+    ("server-bad-limits", "server", "--reward_file {REWARD} --port 0 --max_workers 0", "max_workers >= 1"),
 ]
 
 
