@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -120,11 +121,30 @@ def _discard(path: str, dst: str, token: str) -> None:
     shutil.rmtree(trash)
 
 
+def check_writable(path: str, flag: str = "") -> None:
+    """A clear error (naming ``flag`` and ``path``) where no directory ``path`` can be created or written: a file
+    in the way, a read-only or foreign directory. Creates nothing that stays."""
+    what = f"{flag} {path}" if flag else path
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} is a file: pass a directory as {flag}" if flag else
+                                 f"{path} is a file, not a directory: pass a directory path for the output")
+    existing = os.path.dirname(path)
+    while not os.path.exists(existing):  # the nearest ancestor that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{what}: {existing} is a file, so no directory can be made under it: pass an "
+                                 "output path outside it")
+    try:  # a real probe: access() says yes to root on a read-only or pseudo filesystem
+        os.rmdir(tempfile.mkdtemp(prefix=".jaxrlhf-probe-", dir=existing))
+    except OSError as e:
+        raise PermissionError(f"{what}: cannot write in {existing} ({e.strerror}): pass an output path in a "
+                              "writable directory") from None
+
+
 def check_destination(dst: str) -> str:
     """``dst`` as an absolute path, or a clear error where it cannot be replaced as a directory."""
     dst = os.path.abspath(dst.rstrip("/") or "/")
-    if os.path.exists(dst) and not os.path.isdir(dst):
-        raise NotADirectoryError(f"{dst} is a file, not a directory: pass a directory path for the output")
+    check_writable(dst)
     if os.path.ismount(dst):
         raise ValueError(f"{dst} is a mount point, which cannot be replaced: write into a sub-directory of it")
     cwd = os.path.abspath(os.getcwd())
@@ -175,6 +195,27 @@ def replace_dir(dst: str, *, overwrite: bool = False) -> Iterator[str]:
         _carry_extras(old, dst)
         _discard(old, dst, token)
     _fsync(parent)
+
+
+def make_dirs(path: str | os.PathLike) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the directories it created, outermost first (for
+    ``remove_if_empty``: a failed run then leaves no empty output directories behind)."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_if_empty(created: list[str]) -> None:
+    """Remove the directories ``make_dirs`` created, innermost first, as long as they are empty."""
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (the run wrote something) or already gone
+            return
 
 
 def _alive(pid: int) -> bool:

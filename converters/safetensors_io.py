@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -174,13 +175,20 @@ def plan_shards(specs: Iterable[tuple[str, np.dtype, tuple[int, ...]]], max_shar
     return shards
 
 
+SIZE_UNITS = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "B": 1, "": 1}
+
+
 def parse_size(text: str | int) -> int:
-    """``"5GB"``/``"500MB"``/``"2GiB"``/int -> bytes (HF's ``max_shard_size`` spelling)."""
+    """``"5GB"``/``"500MB"``/``"2GiB"``/int -> bytes (HF's ``max_shard_size`` spelling); ValueError below 1 byte or
+    for a unit that is not one of ``SIZE_UNITS``."""
     if isinstance(text, int):
-        return text
-    s = text.strip().upper()
-    units = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(s)
+        n = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+        if m is None or m[2].upper() not in SIZE_UNITS:
+            raise ValueError(f"max_shard_size {text!r} is not a size: write a number and a unit, e.g. 5GB or 500MB "
+                             "(units: GB, MB, KB, GiB, MiB, KiB, B; no unit means bytes)")
+        n = int(float(m[1]) * SIZE_UNITS[m[2].upper()])
+    if n < 1:
+        raise ValueError(f"max_shard_size {text!r} is below one byte: give a positive size, e.g. 5GB")
+    return n

@@ -26,7 +26,8 @@ Rules
   (accepted spellings: true/false, yes/no, on/off, 1/0), and a field whose default is True also gets ``--no_flag``.
 - ``Optional[X]``: the words ``none`` / ``null`` (any case) give None. A field whose default is None
   (``name: str = arg(None, ...)``) counts as Optional.
-- Unknown keys (command line or YAML) are errors that name the key and suggest the closest field (difflib).
+- Unknown keys (command line or YAML) are errors that name the key and suggest the closest field (difflib). A
+  ``--config`` file that is missing, not UTF-8 (the line is named), not YAML or not a mapping is an error too.
   Prefix abbreviations (``--learning`` for ``--learning_rate``) are refused: they break silently when a field is added.
 - Errors (bad values, unknown keys, a ``ValueError`` raised by the config's ``__post_init__``) are printed argparse
   style (``prog: error: ...``) and exit with code 2, no traceback.
@@ -386,9 +387,15 @@ def _load_yaml(path: str, parser: _Parser, fields: list[_Field], cls: type, igno
     if not p.is_file():
         parser.error(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
+        check_utf8(p, f"--config {path}")
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except ValueError as e:  # not UTF-8
+        parser.error(str(e))
+    except OSError as e:
+        parser.error(f"--config {path}: cannot read it ({e.strerror or e})")
     except yaml.YAMLError as e:
-        parser.error(f"--config {path}: not valid YAML: {e}")
+        where = str(e).replace("<unicode string>", path)
+        parser.error(f"--config {path}: not valid YAML: {' '.join(where.split())}")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -413,6 +420,40 @@ def _load_yaml(path: str, parser: _Parser, fields: list[_Field], cls: type, igno
         except ValueError as e:
             parser.error(f"--config {path}: key {key!r}: {e}")
     return out
+
+
+def line_of(path: str | Path, offset: int) -> int:
+    """The 1-based line number of byte ``offset`` of the file at ``path`` (read in chunks)."""
+    lines = 1
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(offset, 1 << 24))
+            if not chunk:
+                break
+            lines += chunk.count(b"\n")
+            offset -= len(chunk)
+    return lines
+
+
+def check_utf8(path: str | Path, what: str, *, chunk_bytes: int = 1 << 24) -> None:
+    """ValueError naming ``what`` (e.g. "dataset 'x.jsonl'") and the line where ``path`` stops being UTF-8 text.
+    Reads ``chunk_bytes`` at a time (a character split between chunks is fine)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                at = offset - len(decoder.getstate()[0]) + e.start
+                raise ValueError(f"{what}: line {line_of(path, at)} is not UTF-8 text (byte {e.object[e.start]:#04x} "
+                                 f"at offset {at}): save the file as UTF-8") from None
+            if not chunk:
+                return
+            offset += len(chunk)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str | None = None) -> T:
@@ -448,6 +489,16 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str | Non
         return cls(**values)
     except ValueError as e:
         parser.error(f"invalid configuration: {e}")
+
+
+def error_text(e: BaseException) -> str:
+    """An error as the one line a CLI prints after ``error:``: an ``OSError`` as "PATH: reason" (what failed where),
+    a ``KeyError`` as its message, anything else as its text with line breaks folded."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+        return f"{where}: {e.strerror}"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split())
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -41,6 +41,8 @@ class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py
     value_head_prefix: Optional[str] = arg(None, "score tensor prefix: score (HF) or value_head (OpenRLHF); None detects")
     remote_rm_url: Optional[str] = arg(None, "reward.py with reward_func(queries, prompts, labels), or HTTP URL(s)")
     remote_rm_timeout: float = arg(60.0, "seconds per HTTP reward request before a retry")
+    remote_rm_token: Optional[str] = arg(None, "token the HTTP reward server requires (default: $JAXRLHF_RM_TOKEN; "
+                                               "prefer the variable: flags show in `ps`)")
     # ---- data
     prompt_data: Optional[str] = arg(None, "prompt dataset(s), comma-separated: files, type@dir, save_to_disk dirs")
     prompt_data_probs: Optional[str] = arg(None, "mixing probabilities of --prompt_data, comma-separated")

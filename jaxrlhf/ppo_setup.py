@@ -131,8 +131,8 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
                                  compute_dtype=compute_dtype) if cfg.reward_pretrain else None
     if reward_models is not None and cfg.reward_offload:
         reward_models.offload()
-    remote_reward = load_remote_reward(cfg.remote_rm_url, timeout_s=cfg.remote_rm_timeout) \
-        if cfg.remote_rm_url else None
+    remote_reward = load_remote_reward(cfg.remote_rm_url, timeout_s=cfg.remote_rm_timeout,
+                                       token=cfg.remote_rm_token) if cfg.remote_rm_url else None
 
     steps = _compile(cfg, mesh=mesh, ref_mesh=meshes.get("ref"), actor=(actor_def, actor_params),
                      ref=(ref_def, ref_params), critic=(critic_def, critic_params), compute_dtype=compute_dtype,

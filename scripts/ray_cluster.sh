@@ -23,6 +23,11 @@ DASHBOARD_PORT=${DASHBOARD_PORT:-8265}           # the head's dashboard / job-su
 # from the head, or through `ssh -L 8265:127.0.0.1:8265 head`. Set it to the head's cluster-internal address only
 # behind a firewall that admits just the cluster. Firewall RAY_PORT and the worker ports to the cluster's nodes too.
 DASHBOARD_HOST=${DASHBOARD_HOST:-127.0.0.1}
+# Ray's token authentication (every RPC and the dashboard/job API need the token). Ray 2.60 turns it on by itself
+# only for a local ray.init() cluster; here it is on unless RAY_AUTH_MODE=disabled. The head makes a token in
+# ~/.ray/auth_token if none exists (`ray get-auth-token --generate`); give every worker and job submitter the same
+# one: a shared home directory, or RAY_AUTH_TOKEN=$(ssh HEAD cat ~/.ray/auth_token) in their environment.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 NUM_GPUS=${NUM_GPUS:-8}                          # GPUs this node offers Ray (trainers and vLLM engines share them)
 NUM_CPUS=${NUM_CPUS:-}                           # CPUs this node offers Ray (empty: all)
 EXTRA=${EXTRA:-}                                 # more `ray start` flags, e.g. "--resources='{\"trainer\": 1}'"
@@ -31,12 +36,20 @@ cpus=()
 [ -n "$NUM_CPUS" ] && cpus=(--num-cpus="$NUM_CPUS")
 case "$ROLE" in
   head)
+    if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ]; then
+      "$RAY" get-auth-token --generate >/dev/null
+    fi
     # shellcheck disable=SC2086
     "$RAY" start --head --port="$RAY_PORT" --dashboard-host="$DASHBOARD_HOST" --dashboard-port="$DASHBOARD_PORT" \
       --num-gpus="$NUM_GPUS" "${cpus[@]}" --disable-usage-stats $EXTRA
     ;;
   worker)
     [ -n "$HEAD_IP" ] || { echo "set HEAD_IP to the head node's address" >&2; exit 2; }
+    if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}${RAY_AUTH_TOKEN_PATH:-}" ] \
+       && [ ! -s "$HOME/.ray/auth_token" ]; then
+      echo "no Ray token here: set RAY_AUTH_TOKEN to the head's (ssh \$HEAD_IP cat ~/.ray/auth_token)" >&2
+      exit 2
+    fi
     # shellcheck disable=SC2086
     "$RAY" start --address="$HEAD_IP:$RAY_PORT" --num-gpus="$NUM_GPUS" "${cpus[@]}" --disable-usage-stats $EXTRA
     ;;

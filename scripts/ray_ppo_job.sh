@@ -70,6 +70,7 @@ fi
 env_flags=()
 for kv in $JOB_ENV; do env_flags+=(--env "$kv"); done
 cd "$REPO"
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}  # the cluster's token: ~/.ray/auth_token or RAY_AUTH_TOKEN
 "$REPO/.venv/bin/ray" job submit --address "http://$HEAD_IP:$DASHBOARD_PORT" --working-dir "$REPO" \
   --runtime-env-json '{"excludes": [".venv", ".cache", "*.safetensors"]}' -- \
   "$PYTHON" scripts/ray_launch_trainers.py --num_trainers "$NUM_TRAINERS" --gpus_per_trainer "$GPUS_PER_TRAINER" \

@@ -266,3 +266,20 @@ def test_config_to_dict_round_trips_through_yaml(tmp_path) -> None:
 def test_empty_and_repeated_lists() -> None:
     assert parse_config(Cfg, ["--prompt_data", ""]).prompt_data == []
     assert parse_config(Cfg, ["--prompt_data", "a", "--prompt_data", "b"]).prompt_data == ["a", "b"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 4, 7, 1 << 24])
+def test_check_utf8_names_the_line_whatever_the_chunking(tmp_path, chunk_bytes):
+    from jaxrlhf.cli import check_utf8
+
+    good = tmp_path / "good.txt"
+    good.write_bytes("caf\u00e9\n\u20ac\u20ac\n\U0001f600\n".encode())  # 2-, 3- and 4-byte characters
+    check_utf8(good, "x", chunk_bytes=chunk_bytes)
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("caf\u00e9\n\u20ac\n".encode() + b"ok \xff\n")
+    with pytest.raises(ValueError, match=r"^data: line 3 is not UTF-8 text \(byte 0xff at offset 13\)"):
+        check_utf8(bad, "data", chunk_bytes=chunk_bytes)
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("a\nb\n".encode() + "\u20ac".encode()[:2])  # a character cut off at the end of the file
+    with pytest.raises(ValueError, match=r"line 3 is not UTF-8 text \(byte 0xe2 at offset 4\)"):
+        check_utf8(cut, "data", chunk_bytes=chunk_bytes)

@@ -46,9 +46,11 @@ def test_round_trip_bit_exact(family, tmp_path):
     assert set(index["weight_map"]) == set(b) and len(set(index["weight_map"].values())) > 1
 
 
-def test_converted_checkpoint_loads_from_a_relative_path(tmp_path, monkeypatch):
+def test_converted_checkpoint_loads_from_a_relative_path(tmp_path, monkeypatch, capsys):
     save_tiny("llama3", tmp_path / "hf")
-    assert convert(["--quiet", "hf-to-flax", str(tmp_path / "hf"), str(tmp_path / "flax")]) == 0
+    capsys.readouterr()
+    assert convert(["hf-to-flax", str(tmp_path / "hf"), str(tmp_path / "flax"), "--quiet"]) == 0  # --quiet after
+    assert "load" not in capsys.readouterr().err  # ... the sub-command, too: no progress bar
     monkeypatch.chdir(tmp_path)
     rel = from_pretrained("flax")  # Orbax itself accepts only absolute paths
     ref = from_pretrained(str(tmp_path / "hf"))

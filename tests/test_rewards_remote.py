@@ -12,6 +12,7 @@ import http.server
 import importlib.util
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -413,5 +414,135 @@ def test_reward_server_script_as_a_process(tmp_path):
 def test_reward_server_reports_reward_func_errors_as_500(tmp_path):
     func = server_module.load_reward_func(write(tmp_path, "reward.py", "def reward_func(q, p, l):\n    return 1 / 0\n"))
     with Serving(server_module.RewardServer(func, "127.0.0.1", 0, quiet=True)) as server:
-        with pytest.raises(RewardError, match=r"2 attempt\(s\).*HTTP 500.*ZeroDivisionError"):
+        with pytest.raises(RewardError, match=r"2 attempt\(s\).*HTTP 500.*server's log has the error") as info:
             load_remote_reward(server.url, timeout_s=5, retries=1, backoff_s=0.01)(QUERIES, PROMPTS, LABELS)
+    assert "ZeroDivisionError" not in str(info.value)  # the exception text stays in the server's log
+
+
+# ---------------------------------------------------------------- hardening: token, limits, redirects, deadline
+
+
+def test_reward_server_token_is_required_and_the_client_sends_it(tmp_path, monkeypatch):
+    func = server_module.load_reward_func(write(tmp_path, "reward.py", LIST_FILE))
+    monkeypatch.delenv("JAXRLHF_RM_TOKEN", raising=False)
+    with Serving(server_module.RewardServer(func, "127.0.0.1", 0, quiet=True, token="s3cret")) as server:
+        with pytest.raises(RewardError, match=r"HTTP 401.*missing or wrong token.*JAXRLHF_RM_TOKEN"):
+            load_remote_reward(server.url, timeout_s=5, retries=2)(QUERIES, PROMPTS, LABELS)  # 401: not retried
+        with pytest.raises(RewardError, match="HTTP 401"):
+            load_remote_reward(server.url, timeout_s=5, retries=0, token="wrong")(QUERIES, PROMPTS, LABELS)
+        expected = expected_rewards(QUERIES, PROMPTS, LABELS)
+        got = load_remote_reward(server.url, timeout_s=5, retries=0, token="s3cret")(QUERIES, PROMPTS, LABELS)
+        np.testing.assert_allclose(got.rewards, expected, atol=1e-6)
+        monkeypatch.setenv("JAXRLHF_RM_TOKEN", "s3cret")  # the environment variable, as the PPO trainer reads it
+        got = load_remote_reward(server.url, timeout_s=5, retries=0)(QUERIES, PROMPTS, LABELS)
+        np.testing.assert_allclose(got.rewards, expected, atol=1e-6)
+
+
+def test_reward_server_refuses_a_body_over_its_limit_with_413(tmp_path):
+    func = server_module.load_reward_func(write(tmp_path, "reward.py", LIST_FILE))
+    with Serving(server_module.RewardServer(func, "127.0.0.1", 0, quiet=True, max_body_bytes=200)) as server:
+        with pytest.raises(RewardError, match=r"HTTP 413.*over this server's limit of 200 bytes.*--max_body_mb"):
+            load_remote_reward(server.url, timeout_s=5, retries=2)(QUERIES, PROMPTS, LABELS)
+        short = load_remote_reward(server.url, timeout_s=5, retries=0)(["a"], [""], [None])  # under the limit
+    assert short.rewards.shape == (1,)
+
+
+def test_reward_server_closes_silent_connections_and_bounds_its_workers(tmp_path):
+    """Two idle connections fill a 2-worker server: a real request waits for the 0.5 s read timeout to free one."""
+    func = server_module.load_reward_func(write(tmp_path, "reward.py", LIST_FILE))
+    server = server_module.RewardServer(func, "127.0.0.1", 0, quiet=True, read_timeout_s=0.5, max_workers=2)
+    with Serving(server):
+        idle = [socket.create_connection(server.server_address[:2]) for _ in range(2)]
+        try:
+            idle[0].sendall(b"POST /get_reward HTTP/1.1\r\n")  # half a request, then silence
+            start = time.monotonic()
+            result = load_remote_reward(server.url, timeout_s=10, retries=0)(QUERIES, PROMPTS, LABELS)
+            waited = time.monotonic() - start
+            for s in idle:  # the server hung up on both silent connections
+                s.settimeout(5)
+                assert s.recv(1024) == b""
+        finally:
+            for s in idle:
+                s.close()
+    assert result.rewards.shape == (5,)
+    assert 0.4 < waited < 5, waited
+
+
+class RedirectHandler(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with 307 to ``server.location`` (a 307 keeps the method and body: urllib would follow)."""
+
+    def do_POST(self):  # noqa: N802
+        self.server.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(307)
+        self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_client_refuses_a_redirect_and_names_both_urls():
+    with Serving(scripted_server((200, {"rewards": [9, 9, 9, 9, 9]}, 0))) as elsewhere:
+        redirect = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RedirectHandler)
+        redirect.daemon_threads, redirect.location, redirect.requests = True, url_of(elsewhere), []
+        with Serving(redirect):
+            with pytest.raises(RewardError, match=rf"{url_of(redirect)} answered with a redirect \(HTTP 307, "
+                                                  rf"Location: {url_of(elsewhere)}\); redirects are refused"):
+                HttpRewardClient([url_of(redirect)], timeout_s=5, retries=2, token="t")(QUERIES, PROMPTS, LABELS)
+    assert len(redirect.requests) == 1 and elsewhere.requests == []  # not retried, never followed
+
+
+class TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 200 with a body that arrives one byte every 0.1 s (each read is quick; the whole is slow)."""
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"rewards": [0, 0, 0, 0, 0]}).encode() + b" " * 100
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.1)
+        except OSError:
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_total_deadline_stops_a_trickling_answer():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrickleHandler)
+    server.daemon_threads = True
+    with Serving(server):
+        start = time.monotonic()
+        with pytest.raises(RewardError, match=r"total deadline 0.8s.*still arriving at the total deadline"):
+            HttpRewardClient([url_of(server)], timeout_s=1, retries=3, deadline_s=0.8)(QUERIES, PROMPTS, LABELS)
+        assert time.monotonic() - start < 3
+
+
+def test_reward_server_script_with_a_token_from_the_environment(tmp_path):
+    """The script reads JAXRLHF_RM_TOKEN; `--token` and the limits are flags; a 500 answer holds no exception text."""
+    reward_file = write(tmp_path, "reward.py", "def reward_func(q, p, l):\n    raise RuntimeError('secret detail')\n")
+    env = {**os.environ, "JAXRLHF_RM_TOKEN": "tok"}
+    proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--reward_file", reward_file, "--port", "0",
+                             "--quiet", "--read_timeout", "5", "--max_body_mb", "1", "--max_workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "(token required)" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+        url = line.split(" at ")[-1].strip()
+        with pytest.raises(RewardError, match="HTTP 401"):
+            load_remote_reward(url, timeout_s=10, retries=0, token="")(QUERIES, PROMPTS, LABELS)
+        with pytest.raises(RewardError, match="HTTP 500") as info:
+            load_remote_reward(url, timeout_s=10, retries=0, token="tok")(QUERIES, PROMPTS, LABELS)
+        assert "secret detail" not in str(info.value)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+        assert "secret detail" in proc.stderr.read()  # logged on the server's side
+        proc.stderr.close()

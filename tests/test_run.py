@@ -101,3 +101,47 @@ def test_checkpoint_directory_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file: pass a directory as --ckpt_path"):
         Checkpointer(tmp_path / "f")
+
+
+def test_a_run_that_saved_and_logged_nothing_leaves_no_empty_outputs(tmp_path):
+    """A run failing before its first checkpoint / metric leaves no empty --ckpt_path, logs/ or metrics.jsonl; a
+    fresh run that fails keeps the last run's metrics.jsonl where it was."""
+    from jaxrlhf.train.metrics import MetricsLogger
+
+    save = tmp_path / "save"
+    with pytest.raises(RuntimeError):
+        with Checkpointer(save / "checkpoints"), MetricsLogger(save / "logs", show_progress=False, fresh=True):
+            raise RuntimeError("the run failed before step 1")
+    assert not save.exists()
+    with MetricsLogger(save / "logs", show_progress=False) as log:  # a run that logged keeps its file
+        log.log(1, {"loss": 1.0})
+    with Checkpointer(save / "checkpoints"), MetricsLogger(save / "logs", show_progress=False, fresh=True):
+        pass  # failed again before logging: the earlier log stays metrics.jsonl (no empty file, no .prev)
+    assert sorted(p.name for p in save.rglob("*")) == ["logs", "metrics.jsonl"]
+    (save / "keep").mkdir()  # a directory that existed before is never removed
+    with Checkpointer(save / "keep"):
+        pass
+    assert (save / "keep").is_dir()
+
+
+def test_unwritable_or_blocked_output_paths_are_named(tmp_path):
+    from jaxrlhf.train.run import prepare_outputs
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"--save_path .*/f/out: .*/f is a file, so no directory can be made"):
+        prepare_outputs(str(tmp_path / "f" / "out"))
+    with pytest.raises(NotADirectoryError, match=r"--ckpt_path .*/f/c: .*/f is a file"):
+        Checkpointer(tmp_path / "f" / "c")
+    with pytest.raises(NotADirectoryError, match="is a file: pass a directory as --save_path"):
+        prepare_outputs(str(tmp_path / "f"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # nothing created, no probe left
+
+
+def test_secrets_do_not_reach_wandb_config():
+    from jaxrlhf.train.run import without_secrets
+
+    got = without_secrets({"remote_rm_token": "s3cret", "use_wandb": "0123abcd", "tokenizer_chat_template": "{{x}}",
+                           "remote_rm_url": "http://h/x", "unset_token": None})
+    assert got == {"remote_rm_token": "<hidden>", "use_wandb": "<hidden>", "tokenizer_chat_template": "{{x}}",
+                   "remote_rm_url": "http://h/x", "unset_token": None}
+    assert without_secrets({"use_wandb": "true"}) == {"use_wandb": "true"}

@@ -235,6 +235,8 @@ def test_metrics_disabled_and_errors(tmp_path, monkeypatch) -> None:
             ml.log(1, {"v": jnp.ones(3)})
         with pytest.raises(ValueError, match="reserved"):
             ml.log(1, {"step": 1})
+    assert not (tmp_path / "metrics.jsonl").exists()  # nothing was logged: no empty log is left behind
+    (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="no metric records"):
         plot_metrics(tmp_path / "metrics.jsonl", ["v"], tmp_path / "x.png")
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
@@ -378,6 +380,7 @@ def test_checkpoint_max_to_keep_and_half_written_steps(tmp_path) -> None:
     (root / "7" / "state" / "partial").write_bytes(b"\0" * 10)
     ckpt = Checkpointer(root, max_to_keep=2)
     assert ckpt.latest_step() == 4
+    assert not (root / "9.orbax-checkpoint-tmp-1700000000").exists()  # a killed save's temporary is deleted
     assert not (root / "7").exists() and any(p.name.startswith("7.incomplete-") for p in root.iterdir())
     # one appearing after start-up is ignored too, and saving that step number still works
     (root / "8" / "state").mkdir(parents=True)

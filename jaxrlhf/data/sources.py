@@ -20,6 +20,7 @@ saved with `Dataset.save_to_disk` has no splits and is returned whole.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets, interleave_datasets, load_dataset, load_from_disk
+
+from jaxrlhf.cli import check_utf8
 
 # file suffix -> `datasets` packaged builder name
 FILE_TYPES: dict[str, str] = {
@@ -37,6 +40,7 @@ FILE_TYPES: dict[str, str] = {
     ".arrow": "arrow",
     ".txt": "text",
 }
+TEXT_BUILDERS = ("json", "csv", "text")
 # `type@dir` type -> builder name
 DIR_TYPES: dict[str, str] = {
     "json": "json",
@@ -90,10 +94,17 @@ def _load_file(spec: str, path: Path) -> Dataset | DatasetDict:
     if path.stat().st_size == 0:
         raise ValueError(f"dataset '{spec}' is empty: the file {path} has 0 bytes")
     builder = FILE_TYPES[suffix]
+    if builder in TEXT_BUILDERS:  # `datasets` reads bytes that are not UTF-8 and fails only when a row is used
+        check_utf8(path, f"dataset '{spec}'")
     if builder != "json":
         return _guard(spec, f"{builder} file", load_dataset, builder, data_files=str(path))
     try:
-        loaded = _guard(spec, "json file", load_dataset, "json", data_files=str(path))
+        json_log = logging.getLogger("datasets.packaged_modules.json.json")
+        json_log.disabled = True  # its "Failed to load JSON" ERROR line would precede the one error we print
+        try:
+            loaded = _guard(spec, "json file", load_dataset, "json", data_files=str(path))
+        finally:
+            json_log.disabled = False
     except ValueError as e:
         bad = _first_non_object_row(path)
         if bad is not None:
@@ -159,6 +170,9 @@ def _load_dir(spec: str, path: Path) -> Dataset | DatasetDict:
             f"dataset directory '{spec}' holds no data files (looked for {sorted(FILE_TYPES)} and for a "
             f"save_to_disk layout with state.json or dataset_dict.json); found {found}"
         )
+    for file in data_files:
+        if FILE_TYPES[file.suffix.lower()] in TEXT_BUILDERS:
+            check_utf8(file, f"dataset '{spec}', file {file}")
     return _guard(spec, "directory of data files", load_dataset, str(path))
 
 

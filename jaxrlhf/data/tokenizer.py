@@ -104,6 +104,11 @@ def build_tiny_tokenizer(
     return load_tokenizer(out)
 
 
+def looks_local(name: str) -> bool:
+    """A model name that can only mean a local path (``/x``, ``./x``, ``~/x``, ``a/b/c``): never tried on the hub."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """`AutoTokenizer.from_pretrained(path, trust_remote_code=False)`; pad_token := eos_token when it has none.
 
@@ -111,6 +116,9 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     hub model name. Setting the pad token to the EOS token mirrors OpenRLHF's get_tokenizer.
     """
     p = Path(path).expanduser()
+    if not p.exists() and looks_local(str(path)):
+        raise FileNotFoundError(f"'{path}' does not exist (resolved to {p.resolve()}): a path is only looked up "
+                                "locally; check it, or pass a hub model name like org/name")
     if p.is_dir():
         if not any((p / name).exists() for name in TOKENIZER_FILES):
             found = sorted(x.name for x in p.iterdir())[:20]
@@ -121,13 +129,14 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p) if p.is_dir() else str(path), trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (transformers raises many types, e.g. for a config.json value's type)
         where = (
             f"the directory '{p}'"
             if p.is_dir()
             else f"'{path}' (not a local directory: {p.resolve()} does not exist, so it was tried as a hub name)"
         )
-        raise OSError(f"could not load a tokenizer from {where}: {type(e).__name__}: {e}") from e
+        detail = " ".join(str(e).split())  # one line: some of transformers' messages span several
+        raise OSError(f"could not load a tokenizer from {where}: {type(e).__name__}: {detail}") from e
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(

@@ -17,6 +17,7 @@ FAMILIES: dict[str, dict[str, bool]] = {
     "qwen3": {"qkv_bias": False, "qk_norm": True},
 }
 ROPE_TYPES = ("default", "llama3", "linear")
+REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,11 @@ class ModelConfig:
         if act != "silu":
             raise ValueError(f"{model_type}: hidden_act {act!r} is not supported (only 'silu')")
         fam = FAMILIES[model_type]
+        for key in REQUIRED_INTS:
+            if key not in hf:
+                raise KeyError(key)
+            if not isinstance(hf[key], int) or isinstance(hf[key], bool) or hf[key] < 1:
+                raise ValueError(f"{key!r} must be a positive integer, got {hf[key]!r}")
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         rope = dict(hf.get("rope_parameters") or {})
@@ -112,10 +118,26 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
         cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model directory {path} does not exist (resolved to {os.path.abspath(path)}): "
+                                    "pass a local Hugging Face model directory or converted checkpoint")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{path} has no config.json: point at a Hugging Face model directory")
-        with open(cfg_path) as f:
-            return cls.from_hf_dict(json.load(f))
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                hf = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}): fix the file or re-save the model with "
+                             "transformers' save_pretrained") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{cfg_path} holds a JSON {type(hf).__name__}, not an object of config keys")
+        try:
+            return cls.from_hf_dict(hf)
+        except KeyError as e:
+            raise ValueError(f"{cfg_path} has no {e.args[0]!r} key, which a {hf.get('model_type')} config needs: "
+                             "add it, or re-save the model with transformers' save_pretrained") from None
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
 
     def inv_freq(self):
         """RoPE inverse frequencies ``theta^(-2i/d)``, with llama3 / linear scaling applied (NumPy, float64)."""

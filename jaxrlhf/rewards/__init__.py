@@ -65,15 +65,18 @@ def parse_remote_rm_url(spec: str | Sequence[str]) -> list[str]:
 
 
 def load_remote_reward(
-    spec: str | Sequence[str], *, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5
+    spec: str | Sequence[str], *, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.5,
+    token: str | None = None, deadline_s: float | None = None,
 ) -> RewardSource:
     """The reward source named by a `--remote_rm_url` value.
 
     `reward.py` -> RewardFunction (imports the file now; RewardError if that fails);
     `http://a/x,http://b/x` -> HttpRewardClient (nothing is contacted until the first
-    call). `timeout_s`, `retries` and `backoff_s` apply to HTTP requests only.
+    call). `timeout_s`, `retries`, `backoff_s`, `token` (None: $JAXRLHF_RM_TOKEN) and
+    `deadline_s` (None: every attempt's timeout plus the waits) apply to HTTP requests only.
     """
     entries = parse_remote_rm_url(spec)
     if entries[0].endswith(".py") and not entries[0].lower().startswith(("http://", "https://")):
         return RewardFunction(entries[0])
-    return HttpRewardClient(entries, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    return HttpRewardClient(entries, timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, token=token,
+                            deadline_s=deadline_s)

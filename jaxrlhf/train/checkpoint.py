@@ -17,6 +17,8 @@ directory is counted as finished only if it also holds a commit marker (``commit
 in ``_CHECKPOINT_METADATA``). A step directory without one (a copy cut short, a filesystem without atomic rename) is
 moved aside to ``<step>.incomplete-<unix time>`` with a warning when the ``Checkpointer`` starts, so neither
 ``latest_step`` nor Orbax's ``max_to_keep`` bookkeeping ever sees it and a later save of that step does not collide.
+A killed save's ``*.orbax-checkpoint-tmp*`` directory is deleted when the next ``Checkpointer`` starts, and a run
+that saved nothing removes the empty directory it created (tests/test_fault_injection.py kills real runs).
 
 Saving is asynchronous: ``save`` returns once the arrays are copied to host memory (so the caller may donate or
 overwrite them), and the files are written in the background. ``wait()`` blocks until they are on disk;
@@ -43,6 +45,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from converters.atomic import check_writable, make_dirs, remove_if_empty
 from sharding import path_str
 
 log = logging.getLogger(__name__)
@@ -61,10 +64,12 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
         self.directory = Path(directory).expanduser().absolute()  # Orbax needs an absolute path
         self.max_to_keep = max_to_keep
+        self._created: list[str] = []
         _on_process0(self._make_directory)  # an error there (a file in the way, no permission) reaches every process
         _on_process0(self._set_aside_incomplete_steps)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,  # a killed run's half-written temporaries go at the next start
         )
         # Handlers registered up front: a fresh process (a resumed run) must be able to read item metadata
         # before it has saved anything itself.
@@ -148,6 +153,7 @@ class Checkpointer:
         """Wait for saves in flight and release Orbax's threads."""
         self.wait()
         self._manager.close()
+        remove_if_empty(self._created)  # a run that saved nothing leaves no empty --ckpt_path behind
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -167,7 +173,8 @@ class Checkpointer:
     def _make_directory(self) -> None:
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"checkpoint directory {self.directory} is a file: pass a directory as --ckpt_path")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        check_writable(str(self.directory), "--ckpt_path")  # a file above it, a read-only directory
+        self._created = make_dirs(self.directory)
 
     def _set_aside_incomplete_steps(self) -> None:
         """Rename step directories that lack a commit marker to ``<step>.incomplete-<time>`` (process 0)."""

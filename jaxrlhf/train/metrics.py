@@ -22,6 +22,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from converters.atomic import make_dirs, remove_if_empty
+
 METRICS_FILE = "metrics.jsonl"
 # Keys shown in the progress-bar postfix, when present: matched exactly or as the last "/"-separated part.
 DEFAULT_PROGRESS_KEYS = ("reward", "kl", "loss", "step_time")
@@ -84,11 +86,9 @@ class MetricsLogger:
         if not enabled:
             return
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._created = make_dirs(self.out_dir)
         self.jsonl_path = self.out_dir / METRICS_FILE
-        if fresh and self.jsonl_path.exists():  # a new run: keep the last run's log beside, start an empty one
-            os.replace(self.jsonl_path, self.jsonl_path.with_name(METRICS_FILE + ".prev"))
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # append: a resumed run continues the same file
+        self._fresh = fresh  # the file is opened at the first record: a run that fails first leaves no empty log
         if use_tensorboard:
             self._tb = _tensorboard_writer(use_tensorboard)
         if use_wandb:
@@ -106,7 +106,10 @@ class MetricsLogger:
         if "step" in values or "time" in values:
             raise ValueError("metric names 'step' and 'time' are reserved for the JSONL record; rename the metric")
         record = {"step": int(step), "time": time.time(), **values}
-        assert self._jsonl is not None
+        if self._jsonl is None:
+            if self._fresh and self.jsonl_path.exists():  # a new run: keep the last run's log beside it
+                os.replace(self.jsonl_path, self.jsonl_path.with_name(METRICS_FILE + ".prev"))
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # append: a resumed run continues its file
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
@@ -139,6 +142,8 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self.enabled:
+            remove_if_empty(self._created)
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -113,15 +113,17 @@ def start_meshes(cfg: RunFlags, roles: Mapping[str, Optional[str]] | None = None
     return launch, meshes
 
 
-def prepare_outputs(save_path: str, *exports: str) -> None:
-    """Before a run writes anything: finish or clean up what an export killed mid-way left behind in ``save_path``
-    and its model sub-directories ``exports`` (converters/atomic.py; process 0 only, errors reach every process)."""
-    from converters.atomic import recover
+def prepare_outputs(save_path: str, *exports: str, ckpt_path: str | None = None) -> None:
+    """Before a run writes anything: refuse a ``save_path`` (or ``ckpt_path``) that cannot be a writable directory,
+    then finish or clean up what an export killed mid-way left behind in ``save_path`` and its model
+    sub-directories ``exports`` (converters/atomic.py; process 0 only, errors reach every process)."""
+    from converters.atomic import check_writable, recover
     from sharding.distributed import from_process0
 
     def run() -> np.int32:
-        if os.path.exists(save_path) and not os.path.isdir(save_path):
-            raise ValueError(f"--save_path {save_path} is a file: pass a directory")
+        check_writable(os.path.abspath(save_path), "--save_path")
+        if ckpt_path is not None:
+            check_writable(os.path.abspath(ckpt_path), "--ckpt_path")
         for path in (save_path, *(os.path.join(save_path, e) for e in exports)):
             recover(path)
         return np.int32(0)
@@ -194,6 +196,15 @@ def wandb_setting(flag: str | None):
     return True if flag.strip().lower() == "true" else flag
 
 
+def without_secrets(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with secrets (a set ``*_token`` field, a W&B API key in ``use_wandb``) replaced by ``"<hidden>"``:
+    what goes to W&B."""
+    def secret(k: str, v: Any) -> bool:
+        return bool(v) and (k.endswith("_token") or (k == "use_wandb" and wandb_setting(v) not in (True, False)))
+
+    return {k: "<hidden>" if secret(k, v) else v for k, v in config.items()}
+
+
 def open_logger(cfg: RunFlags, log_dir: str, *, total_steps: int, progress_keys: tuple[str, ...], resumed: bool):
     """``MetricsLogger`` in ``log_dir`` from the logging flags. ``metrics.jsonl`` continues when the run resumes and
     starts fresh otherwise (an earlier run's file is kept as ``metrics.jsonl.prev``)."""
@@ -201,8 +212,8 @@ def open_logger(cfg: RunFlags, log_dir: str, *, total_steps: int, progress_keys:
 
     return MetricsLogger(log_dir, use_tensorboard=cfg.use_tensorboard, use_wandb=wandb_setting(cfg.use_wandb),
                          wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                         config=config_to_dict(cfg), total_steps=total_steps, progress_keys=progress_keys,
-                         fresh=not resumed)
+                         config=without_secrets(config_to_dict(cfg)), total_steps=total_steps,
+                         progress_keys=progress_keys, fresh=not resumed)
 
 
 def stop_if_not_finite(values: Mapping[str, float], *, step: int, ckpt, ckpt_path: str, hint: str) -> None:

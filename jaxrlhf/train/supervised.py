@@ -58,7 +58,7 @@ from typing import Any, Callable, Literal, Optional, Protocol
 
 import numpy as np
 
-from jaxrlhf.cli import arg, parse_config
+from jaxrlhf.cli import arg, error_text, parse_config
 from jaxrlhf.train.run import RunFlags
 
 
@@ -153,8 +153,12 @@ def load_tokenizer_for(cfg: SupervisedConfig):
     """``--pretrain``'s tokenizer (pad := eos when it has none) with ``--tokenizer_chat_template`` applied."""
     from jaxrlhf.data.tokenizer import load_tokenizer
 
+    from jaxrlhf.models import ModelConfig
+
     if cfg.pretrain is None:
         raise ValueError("--pretrain is required: an HF model directory or a converted checkpoint")
+    if os.path.isdir(cfg.pretrain):
+        ModelConfig.from_dir(cfg.pretrain)  # a broken config.json is named as such, not as a tokenizer failure
     tokenizer = load_tokenizer(cfg.pretrain)
     if cfg.tokenizer_chat_template:
         tokenizer.chat_template = cfg.tokenizer_chat_template
@@ -337,7 +341,7 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
                                                   compute_dtype=compute_dtype), prepare, dp=dp, micro=micro)
 
     with contextlib.ExitStack() as run:
-        prepare_outputs(cfg.save_path)
+        prepare_outputs(cfg.save_path, ckpt_path=cfg.ckpt_path)
         ckpt = run.enter_context(Checkpointer(cfg.ckpt_path, max_to_keep=cfg.max_ckpt_num))
         fingerprint = run_fingerprint(cfg, name, train_data)
         resumed, (params, opt_state) = _resume(cfg, ckpt, fingerprint, batches, (params, opt_state))
@@ -483,8 +487,7 @@ def run_cli(config_cls: type, main: Callable[[Any], dict], argv: list[str] | Non
             return 0
         out = main(cfg)
     except (ValueError, KeyError, OSError, FloatingPointError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 2
     import jax
 
