@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
 from jaxrlhf.advantages import ESTIMATORS, Estimator
-from jaxrlhf.cli import arg, parse_config
+from jaxrlhf.cli import arg, error_text, parse_config
 from jaxrlhf.openrlhf_flags import DEEPSPEED_ONLY, OPENRLHF_ALIASES
 from jaxrlhf.rollout.setup import RolloutFlags, check_rollout_flags
 from jaxrlhf.train.run import RunFlags, at_least_one
@@ -326,8 +326,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         out = main(cfg)
     except (ValueError, KeyError, OSError, FloatingPointError, RewardError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 2
     import jax
 

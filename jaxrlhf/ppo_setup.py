@@ -86,7 +86,7 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
 
     from jaxrlhf.data.loader import BatchIterator
     from jaxrlhf.data.tokenizer import load_tokenizer
-    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.models import ModelConfig, from_pretrained
     from jaxrlhf.rewards import load_remote_reward
     from jaxrlhf.rewards.model import RewardModels
     from jaxrlhf.train.ppo_step import PPOState
@@ -101,6 +101,8 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
         raise ValueError("--prompt_data is required with --pretrain")
     prepare_outputs(cfg.save_path, "actor", "critic")
     compute_dtype = jnp.bfloat16 if cfg.bf16 else None
+    if os.path.isdir(cfg.pretrain):
+        ModelConfig.from_dir(cfg.pretrain)  # a broken config.json is named as such, not as a tokenizer failure
     tokenizer = load_tokenizer(cfg.pretrain)
     data = load_prompts(cfg, tokenizer)
     batches = BatchIterator(len(data), cfg.rollout_batch_size, seed=cfg.seed)
