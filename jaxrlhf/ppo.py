@@ -285,18 +285,20 @@ def main(cfg: PPOConfig) -> dict:
             if train_actor:
                 with timer("sync"):
                     pending.update(p.client.sync(state.actor))
-            stop_if_not_finite({k: train_metrics[k] for k in ("actor/loss", "critic/loss") if k in train_metrics},
-                               step=step + 1, ckpt=p.ckpt, ckpt_path=cfg.ckpt_path,
-                               hint="lower the learning rate or check the rewards")
-            logged = experience_metrics(exp)
-            state = dataclasses.replace(state, step=step + 1, kl_coef=adapt_kl(cfg, state.kl_coef, logged["kl"],
-                                                                                len(exp)))
+            with timer("log"):
+                stop_if_not_finite({k: train_metrics[k] for k in ("actor/loss", "critic/loss") if k in train_metrics},
+                                   step=step + 1, ckpt=p.ckpt, ckpt_path=cfg.ckpt_path,
+                                   hint="lower the learning rate or check the rewards")
+                logged = {**experience_metrics(exp), **round_metrics, **exp_metrics,
+                          "actor_lr": float(p.actor_lr(step * p.updates_per_step))}
+                state = dataclasses.replace(state, step=step + 1, kl_coef=adapt_kl(cfg, state.kl_coef, logged["kl"],
+                                                                                    len(exp)))
             with timer("save"):
                 if (cfg.save_steps > 0 and state.step % cfg.save_steps == 0) or state.step == p.total_steps:
                     p.ckpt.save(state.step, *checkpoint_trees(state, p.batches, p.pipeline, p.client, p.mesh,
                                                               cfg.seed, p.fingerprint))
-            metrics = {**logged, **round_metrics, **exp_metrics, "kl_coef": state.kl_coef, "actor_lr": float(p.actor_lr(step * p.updates_per_step)),
-                       "step_time": time.perf_counter() - t_step, **train_metrics, **timer.metrics(),
+            metrics = {**logged, "kl_coef": state.kl_coef, "step_time": time.perf_counter() - t_step,
+                       **train_metrics, **timer.metrics(),
                        **throughput(exp, timer.seconds, epochs=cfg.max_epochs, train_actor=train_actor),
                        "compile/count": p.compile_count(), **pending}
             pending = {}

@@ -32,7 +32,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-PHASES = ("generate", "experience", "train", "sync", "data", "save")
+PHASES = ("generate", "reward", "experience", "train", "sync", "data", "log", "save")
 
 TRL_SCRIPT = r'''
 import json, sys, time
@@ -135,7 +135,7 @@ def run_jaxrlhf(args, prompts: str, work: str, engines: int) -> dict:
     log = [json.loads(line) for line in open(os.path.join(out, "logs", "metrics.jsonl"))]
     steps = [r["step_time"] for r in log]
     phases = {k: after_first([r.get(f"time/{k}", 0.0) for r in log])
-              for k in (*PHASES, "update_actor", "experience_forward", "reward")}
+              for k in (*PHASES, "update_actor", "experience_forward")}
     rates = {k: after_first([r.get(f"{k}_tokens_per_s", 0.0) for r in log]) for k in ("generate", "experience",
                                                                                        "train")}
     return {"step_times": steps, "s_per_step": after_first(steps), "phases": phases, "tokens_per_s": rates,

@@ -13,7 +13,7 @@ from tests.cli_runner import run_cli_with
 from tests.tiny import save_tiny
 
 LOSS_KEYS = ("reward", "actor/loss", "critic/loss", "kl", "response_length")
-TOP_PHASES = ("data", "generate", "reward", "experience", "train", "sync", "save")
+TOP_PHASES = ("data", "generate", "reward", "experience", "train", "sync", "log", "save")
 
 
 @pytest.fixture(scope="module")
