@@ -132,13 +132,15 @@ def sequence_mean_over_batch(loss_bt: Array, mask_bt: Array, num_sequences_total
 
 
 def aggregate_loss(loss_bt: Array, mask_bt: Array, mode: str, *, num_tokens_total: ArrayLike,
-                   num_sequences_total: ArrayLike) -> Array:
+                   num_sequences_total: Optional[ArrayLike] = None) -> Array:
     """``--loss_agg_mode``: ``token-mean`` (every token weighs the same: ``token_mean_over_batch`` over N_global
     tokens) or ``seq-mean-token-mean`` (every sequence weighs the same: ``sequence_mean_over_batch`` over S_global
     sequences). Both follow the micro-batch contract of ``token_mean_over_batch`` (sum the micro-batches)."""
     if mode == "token-mean":
         return token_mean_over_batch(loss_bt, mask_bt, num_tokens_total)
     if mode == "seq-mean-token-mean":
+        if num_sequences_total is None:
+            raise ValueError("aggregate_loss: seq-mean-token-mean needs num_sequences_total (the step's sequences)")
         return sequence_mean_over_batch(loss_bt, mask_bt, num_sequences_total)
     raise ValueError(f"aggregate_loss: unknown mode {mode!r}; use one of {LOSS_AGG_MODES}")
 

@@ -110,7 +110,7 @@ def policy_loss_fn(*, temperature: float, eps_clip_low: float, eps_clip_high: fl
 
         def agg(x_bt):
             return losses.aggregate_loss(x_bt, mask, loss_agg_mode, num_tokens_total=n,
-                                         num_sequences_total=b["num_sequences"])
+                                         num_sequences_total=b.get("num_sequences"))
 
         old_logp = jax.lax.stop_gradient(logp) if on_policy else b["old_logp"]
         metrics = {}
