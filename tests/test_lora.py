@@ -202,3 +202,19 @@ def test_an_adapter_peft_wrote_loads_with_equal_logits(base, tmp_path):
     with pytest.raises(ValueError, match="--lora_rank 4 but the adapter .* has r=8"):
         add_lora(from_pretrained(base), lora_rank=4, lora_alpha=8.0, target_modules=["all-linear"],
                  lora_path=str(tmp_path / "peft"), seed=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--target_modules", "q_proj,qkv"], "--target_modules qkv: no such module in this model; the linear modules "
+                                         "are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+    (["--lora_dropout", "0.1"], "adapter dropout is not implemented yet"),
+    (["--lora_save_adapter"], "--lora_save_adapter needs LoRA: set --lora_rank"),
+    (["--lora_rank", "-1"], "--lora_rank must be >= 0"),
+])
+def test_bad_lora_flags_are_one_line_and_exit_2(flags, message, capsys):
+    from jaxrlhf.sft import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(["--pretrain", "x", *flags])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
