@@ -139,10 +139,11 @@ def test_adapter_shardings_follow_the_base(base):
     mesh = make_mesh("4x2")
     model = apply_lora(from_pretrained(base, mesh=mesh), SPEC, seed=0, mesh=mesh)
     q, o = model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.o_proj
-    assert q.lora_a[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
-    assert q.lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
-    assert o.lora_a[...].sharding.spec == jax.sharding.PartitionSpec("tensor", None)
-    assert o.lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    P = jax.sharding.PartitionSpec
+    assert q.lora_a[...].sharding.spec == P(("fsdp", "tensor"), None)  # q's kernel: P("fsdp", "tensor")
+    assert q.lora_b[...].sharding.spec == P(None, ("tensor", "fsdp"))
+    assert o.lora_a[...].sharding.spec == P(("tensor", "fsdp"), None)  # o's kernel: P("tensor", "fsdp")
+    assert o.lora_b[...].sharding.spec == P(None, ("fsdp", "tensor"))
 
 
 # ------------------------------------------------------------------------------------------------ PEFT layout

@@ -138,13 +138,22 @@ def dry_run(cfg: SupervisedConfig) -> dict:
     """``--dry_run``: print the mesh, batch arithmetic and per-device memory plan; refuse what cannot fit."""
     from jaxrlhf.plan import dry_run_supervised
 
+    from jaxrlhf.models.lora import parse_targets
+
     rows = cfg.rows_per_sample()
+    rank, targets = cfg.lora_rank, parse_targets(cfg.target_modules)
+    if cfg.lora_path:
+        from converters.peft import read_spec
+
+        spec = read_spec(cfg.lora_path)
+        rank, targets = spec.rank, spec.targets
     return dry_run_supervised(model_path=cfg.pretrain, mesh=cfg.mesh, max_len=cfg.max_len, bf16=cfg.bf16,
                               micro_train_batch_size=cfg.micro_train_batch_size * rows,
                               train_batch_size=cfg.train_batch_size * rows,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               device_memory_gb=cfg.device_memory_gb, head=cfg.trained_head(),
-                              ref_path=cfg.reference(), processes=cfg.num_processes or 1)
+                              ref_path=cfg.reference(), processes=cfg.num_processes or 1, lora_rank=rank,
+                              lora_targets=targets)
 
 
 def data_parallel_size(mesh) -> int:
