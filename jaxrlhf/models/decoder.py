@@ -38,16 +38,27 @@ def dense(x_nd, w_dk, *, out_dtype=None):
 
 class Linear(nnx.Module):
     """``y = x W (+ b)``, and with a LoRA adapter (``models/lora.py`` attaches ``lora_a`` ``[D, r]`` and ``lora_b``
-    ``[r, K]``): ``y = x W + scale * (x A) B``, ``scale = alpha / r``, each product a 2-D GEMM."""
+    ``[r, K]``): ``y = x W + scale * (x A) B``, ``scale = alpha / r``, each product a 2-D GEMM. QLoRA
+    (``models/nf4.py``): ``kernel`` is None and ``W`` is dequantized from ``kernel_nf4`` / ``kernel_absmax`` in the
+    input's dtype inside the call."""
 
     def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs, std: float = 0.02):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
-        self.lora_a = self.lora_b = nnx.data(None)  # data attributes: models/lora.py may attach Params
+        # data attributes: models/lora.py and models/nf4.py may attach Params
+        self.lora_a = self.lora_b = self.kernel_nf4 = self.kernel_absmax = nnx.data(None)
         self.lora_scale = 0.0
 
+    def weight(self, dtype):
+        """``W [D, K]`` (dequantized from NF4 in ``dtype`` when the base is 4-bit)."""
+        if self.kernel is None:
+            from jaxrlhf.models.nf4 import dequantize
+
+            return dequantize(self.kernel_nf4[...], self.kernel_absmax[...], dtype)
+        return self.kernel[...]
+
     def __call__(self, x):
-        y = dense(x, self.kernel[...])
+        y = dense(x, self.weight(x.dtype))
         if self.lora_a is not None:
             y = y + self.lora_scale * dense(dense(x, self.lora_a[...].astype(x.dtype)),
                                             self.lora_b[...].astype(x.dtype))

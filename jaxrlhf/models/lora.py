@@ -79,7 +79,7 @@ def apply_lora(model, spec: LoraSpec, *, seed: int, mesh=None):
     rules = RULES_BY_MODEL_TYPE[model.cfg.model_type]
     key = jax.random.key(seed)
     for k, (path, lin) in enumerate(targeted_linears(model, spec.targets)):
-        din, dout = lin.kernel.shape
+        din, dout = lin.kernel.shape if lin.kernel is not None else (2 * lin.kernel_nf4.shape[0], lin.kernel_nf4.shape[1])
         bound = 1.0 / din**0.5
         a = jax.random.uniform(jax.random.fold_in(key, k), (din, spec.rank), jnp.float32, -bound, bound)
         b = jnp.zeros((spec.rank, dout), jnp.float32)
@@ -100,15 +100,20 @@ def is_adapter(path: str) -> bool:
 
 
 def merge(params: dict, scale: float) -> dict:
-    """The params dict with every adapter folded into its kernel: ``W + scale * A B`` (adapters removed).
+    """The params dict with every adapter folded into its kernel: ``W + scale * A B`` (adapters removed; an NF4
+    base kernel is dequantized to fp32 first).
 
     Works on a nested pure dict (``nnx.split(model)[1].to_pure_dict()``); the sum runs on the arrays' devices."""
     def walk(d):
         if not isinstance(d, dict):
             return d
         out = {k: walk(v) for k, v in d.items() if k not in ADAPTER_LEAVES}
+        if "kernel_nf4" in d:  # QLoRA: the 4-bit base is dequantized (fp32) first
+            from jaxrlhf.models.nf4 import dequantize
+
+            out["kernel"] = dequantize(out.pop("kernel_nf4"), out.pop("kernel_absmax"))
         if "lora_a" in d:
-            w = d["kernel"]
+            w = out["kernel"]
             delta = (d["lora_a"].astype(jnp.float32) @ d["lora_b"].astype(jnp.float32)) * scale
             out["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
         return out

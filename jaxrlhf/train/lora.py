@@ -22,6 +22,8 @@ class LoraFlags:
     lora_path: Optional[str] = arg(None, "start from this PEFT LoRA adapter directory (its r, alpha and target "
                                          "modules are used) on top of --pretrain")
     lora_save_adapter: bool = arg(False, "also write the adapter as a PEFT directory, --save_path/lora_adapter")
+    load_in_4bit: bool = arg(False, "QLoRA: keep the frozen base linears in NF4 (4-bit, block-64 absmax scales), "
+                                    "dequantized in the matmul; needs --lora_rank or --lora_path")
 
     def check_lora(self) -> None:
         """Refuse bad LoRA flags (called by the config's ``__post_init__``)."""
@@ -36,12 +38,16 @@ class LoraFlags:
         parse_targets(self.target_modules)
         if self.lora_save_adapter and not self.lora_rank and not self.lora_path:
             raise ValueError("--lora_save_adapter needs LoRA: set --lora_rank (or --lora_path)")
+        if self.load_in_4bit and not self.lora_rank and not self.lora_path:
+            raise ValueError("--load_in_4bit (QLoRA) needs --lora_rank (or --lora_path): a 4-bit base is frozen, "
+                             "only LoRA adapters on it can be trained")
 
 
 def add_lora(model, *, lora_rank: int, lora_alpha: float, target_modules, lora_path: str | None, seed: int,
-             mesh=None):
+             mesh=None, load_in_4bit: bool = False):
     """Attach adapters to ``model`` in place: fresh ones (``lora_rank`` > 0), or the PEFT adapter at ``lora_path``
-    (its own r/alpha/targets; a different ``lora_rank`` given as well is an error). Returns ``model``."""
+    (its own r/alpha/targets; a different ``lora_rank`` given as well is an error); ``load_in_4bit`` first turns the
+    base linears into NF4 (QLoRA, models/nf4.py). Returns ``model``."""
     from flax import nnx
 
     from converters.peft import load_adapter, read_spec
@@ -56,6 +62,10 @@ def add_lora(model, *, lora_rank: int, lora_alpha: float, target_modules, lora_p
         spec = LoraSpec(rank=lora_rank, alpha=lora_alpha, targets=parse_targets(target_modules))
     else:
         return model
+    if load_in_4bit:
+        from jaxrlhf.models.nf4 import quantize_base
+
+        quantize_base(model, mesh=mesh)
     apply_lora(model, spec, seed=seed, mesh=mesh)
     if lora_path:
         state = nnx.state(model)

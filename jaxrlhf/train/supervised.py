@@ -278,7 +278,7 @@ def load_model(cfg: SupervisedConfig, mesh, *, head: str = "lm", path: str | Non
     model = from_pretrained(path or cfg.pretrain, mesh=mesh, dtype=jnp.float32, head=head,
                             remat=cfg.gradient_checkpointing, seed=cfg.seed)
     return add_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
-                    lora_path=cfg.lora_path, seed=cfg.seed, mesh=mesh)
+                    lora_path=cfg.lora_path, seed=cfg.seed, mesh=mesh, load_in_4bit=cfg.load_in_4bit)
 
 
 def check_batch_arithmetic(cfg: SupervisedConfig, dp: int, num_train: int, num_eval: int | None) -> None:
