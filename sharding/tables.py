@@ -35,11 +35,11 @@ LLAMA_FAMILY = PartitionRules(
         (r"(self_attn/o_proj|mlp/down_proj)/lora_a$", P(("tensor", "fsdp"), None)),
         (r"(self_attn/o_proj|mlp/down_proj)/lora_b$", P(None, ("fsdp", "tensor"))),
         # QLoRA's NF4 base (models/nf4.py): codes [in/2, out] split like the kernel; block scales [in/64, out] keep
-        # the block axis whole (few blocks) and split out like the kernel.
+        # the block axis whole (few blocks) and split out over both axes, like the adapters' B.
         (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel_nf4$", P("fsdp", "tensor")),
-        (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel_absmax$", P(None, "tensor")),
+        (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel_absmax$", P(None, ("tensor", "fsdp"))),
         (r"(self_attn/o_proj|mlp/down_proj)/kernel_nf4$", P("tensor", "fsdp")),
-        (r"(self_attn/o_proj|mlp/down_proj)/kernel_absmax$", P(None, "fsdp")),
+        (r"(self_attn/o_proj|mlp/down_proj)/kernel_absmax$", P(None, ("fsdp", "tensor"))),
     ),
 )
 
