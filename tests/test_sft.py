@@ -214,6 +214,10 @@ def test_lora_resume_equals_uninterrupted(setup):
         assert all(a[k] == b[k] for k in b if k not in TIMING_KEYS), (a, b)
     for a, b in zip(jax.tree_util.tree_leaves(out["params"]), jax.tree_util.tree_leaves(full["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the LoRA checkpoints do not resume as a full fine-tuning run (another parameter layout)
+    with pytest.raises(ValueError, match="LoRA: checkpoint '--lora_rank 4 --lora_alpha 16.0 --target_modules "
+                                         "all-linear', this run None"):
+        main(make_cfg(setup, "lora_crashed", load_checkpoint=True, **{**kw, "lora_rank": 0}))
 
 
 def test_qlora_sft_learns_and_exports_the_dequantized_merge(setup):

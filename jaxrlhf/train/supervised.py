@@ -463,8 +463,13 @@ def run_fingerprint(cfg: SupervisedConfig, name: str, train_data: BatchSource) -
 
     first = train_data.batch(np.arange(min(16, len(train_data))))
     rows = [first[k] for k in sorted(first) if np.ndim(first[k]) > 0]
+    lora = None  # the trained parameters' layout: LoRA or not, which adapters, a 4-bit base
+    if cfg.lora_rank or cfg.lora_path:
+        lora = (f"--lora_path {cfg.lora_path}" if cfg.lora_path else
+                f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --target_modules "
+                f"{','.join(cfg.target_modules)}") + (" --load_in_4bit" if cfg.load_in_4bit else "")
     return {"trainer": name, "--seed": cfg.seed, "--train_batch_size": cfg.train_batch_size,
-            "--dataset": data_fingerprint(rows, len(train_data))}
+            "--dataset": data_fingerprint(rows, len(train_data)), "LoRA": lora}
 
 
 def _throughput(batch: dict, seconds: float) -> dict:
