@@ -219,3 +219,12 @@ def test_bad_lora_flags_are_one_line_and_exit_2(flags, message, capsys):
         cli(["--pretrain", "x", *flags])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_unmerged_adapters_are_not_exported_as_a_plain_model(base, tmp_path):
+    from converters.hf import export_hf
+
+    model = apply_lora(from_pretrained(base), SPEC, seed=0)
+    with pytest.raises(ValueError, match="hold LoRA adapters: merge them first"):
+        export_hf(nnx.state(model).to_pure_dict(), model.cfg, str(tmp_path / "out"), head="lm")
+    assert not (tmp_path / "out").exists()
