@@ -220,6 +220,7 @@ def test_lora_resume_equals_uninterrupted(setup):
         main(make_cfg(setup, "lora_crashed", load_checkpoint=True, **{**kw, "lora_rank": 0}))
 
 
+@pytest.mark.slow  # ~20 s; QLoRA training on 4x2 is covered fast by tests/test_nf4.py
 def test_qlora_sft_learns_and_exports_the_dequantized_merge(setup):
     """--load_in_4bit: NF4 base + LoRA r=8; the loss falls, the base codes do not move, and the merged export
     (NF4 dequantized + W + alpha/r A B) loads in transformers with the logits of the trained 4-bit model."""
