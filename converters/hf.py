@@ -126,8 +126,14 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
 
 def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
     """``[(hf_name, transpose, array)]`` for every parameter, in tree order."""
+    from jaxrlhf.models.lora import is_adapter
+
     table = table_for(cfg.model_type)
-    return [(*hf_name(table, path), arr) for path, arr in flat_params(params)]
+    flat = flat_params(params)
+    if any(is_adapter(path) for path, _ in flat):
+        raise ValueError("the parameters hold LoRA adapters: merge them first (jaxrlhf.models.lora.merge) for a plain "
+                         "HF model, or write them as a PEFT adapter (converters.peft.save_adapter)")
+    return [(*hf_name(table, path), arr) for path, arr in flat]
 
 
 def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:

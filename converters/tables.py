@@ -30,7 +30,14 @@ LLAMA_FAMILY: tuple[TensorMap, ...] = (
     # Scalar head of critics / reward models: HF *ForSequenceClassification calls it `score`, OpenRLHF
     # `value_head` (its --value_head_prefix); the prefix is renamed to `score` before lookup.
     TensorMap("score.weight", "score/kernel", True),
+    # LoRA adapters (models/lora.py), as PEFT names them under its ``base_model.model.`` prefix (PEFT_PREFIX):
+    # lora_A.weight is [r, in] (our lora_a [in, r]), lora_B.weight [out, r] (our lora_b [r, out]).
+    TensorMap("model.layers.{i}.{g}.{p}_proj.lora_A.weight", "model/layers/{i}/{g}/{p}_proj/lora_a", True),
+    TensorMap("model.layers.{i}.{g}.{p}_proj.lora_B.weight", "model/layers/{i}/{g}/{p}_proj/lora_b", True),
 )
+
+# PEFT's tensor names are the base model's module path under this prefix (adapter_model.safetensors).
+PEFT_PREFIX = "base_model.model."
 
 TABLES: dict[str, tuple[TensorMap, ...]] = {t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")}
 

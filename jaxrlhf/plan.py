@@ -32,6 +32,10 @@ rank (``--micro_train_batch_size`` / ``--micro_rollout_batch_size``); ``T`` toke
                while generating the KV cache ``L * 2 * rows * T * K' * E * 4`` (``rows`` = prompts x samples / dp,
                ``K' = K/t`` when t divides K) plus the prefill's logits and scores
                ``rows * P * (V/t * 4 + (H/t) * T * 4)`` (``P`` = prompt length).
+- LoRA         (``--lora_rank``) optimizer and grads count only the fp32 adapters (+ a score head), placed by their
+               own partition rules; params add the adapters (``N_adapter * 4``); no layer gradient in flight.
+               QLoRA (``--load_in_4bit``): the layers' linear kernels are NF4 codes (0.5 byte per element) and
+               fp32 block-64 absmax scales, placed by their partition rules (~0.56 byte per element).
 - weight sync  (vLLM pool) every tensor is all-gathered before it is sent: the largest one, fp32, on every device.
 
 Phases (what is on a device at once): resident = params (+ optimizer) of every role on the device that is not
@@ -110,10 +114,19 @@ class ParamStats:
     layer: int  # one decoder layer, unsharded
     head: int  # LM head (or the embedding it is tied to) / score head, unsharded
     largest: int  # the largest single tensor, unsharded
+    adapters: int = 0  # LoRA adapter elements, all layers, unsharded
+    adapters_per_device: int = 0  # ... one device holds (the adapter partition rules)
+    score_per_device: int = 0  # the score head's elements one device holds (trained with LoRA too)
+    linears_per_device: int = 0  # elements of the decoder layers' linear kernels one device holds
+    nf4_bytes_per_device: int = 0  # ... as NF4 (QLoRA): codes [in/2, out] uint8 + absmax [in/64, out] fp32
 
 
-def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "--mesh") -> ParamStats:
-    """Counts from the real parameter tree and partition rules; an indivisible dimension is a ValueError naming it."""
+def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "--mesh", lora_rank: int = 0,
+                lora_targets: tuple[str, ...] = ()) -> ParamStats:
+    """Counts from the real parameter tree and partition rules; an indivisible dimension is a ValueError naming it.
+
+    With ``lora_rank`` > 0: the adapters ``lora_a [in, r]``, ``lora_b [r, out]`` of every targeted kernel of a layer
+    (models/lora.py), placed by their own partition rules."""
     from sharding.rules import partition_specs
     from sharding.tables import RULES_BY_MODEL_TYPE
 
@@ -137,10 +150,22 @@ def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "-
     heads = [s for p, s in outer if p in ("lm_head/kernel", "score/kernel")]
     if head == "lm" and model.tie_word_embeddings:
         heads = [s for p, s in outer if p.endswith("embed_tokens/embedding")]
+    adapters = [] if not lora_rank else [
+        entry for p, s in layer if p.endswith("/kernel") and p.split("/")[-2] in lora_targets
+        for entry in ((p[:-len("kernel")] + "lora_a", (s[0], lora_rank)),
+                      (p[:-len("kernel")] + "lora_b", (lora_rank, s[1])))]
+    linears = [(p, s) for p, s in layer if p.endswith("_proj/kernel")]
+    nf4_codes = [(p + "_nf4", (s[0] // 2, s[1])) for p, s in linears]  # models/nf4.py, BLOCK = 64
+    nf4_scales = [(p + "_absmax", (max(1, s[0] // 64), s[1])) for p, s in linears]
     return ParamStats(total=size(outer) + model.num_layers * size(layer),
                       per_device=per_device(outer) + model.num_layers * per_device(layer),
                       layer=size(layer), head=math.prod(heads[0]) if heads else 0,
-                      largest=max(math.prod(s) for _, s in outer + layer))
+                      largest=max(math.prod(s) for _, s in outer + layer),
+                      adapters=model.num_layers * size(adapters),
+                      adapters_per_device=model.num_layers * per_device(adapters) if adapters else 0,
+                      score_per_device=per_device([(p, s) for p, s in outer if p == "score/kernel"]),
+                      linears_per_device=model.num_layers * per_device(linears),
+                      nf4_bytes_per_device=model.num_layers * (per_device(nf4_codes) + 4 * per_device(nf4_scales)))
 
 
 def _axis_size(axes, sizes: dict) -> int:
@@ -174,6 +199,9 @@ class Role:
     seq_len: int = 0  # T
     mesh_flag: str = "--mesh"
     logit_positions: int = 0  # positions whose fp32 logits exist at once (0: all T; PPO: one chunk of the response)
+    lora_rank: int = 0  # > 0: only LoRA adapters (+ a score head) are trained; the base is frozen
+    lora_targets: tuple[str, ...] = ()
+    load_in_4bit: bool = False  # QLoRA: the layers' linear kernels stored as NF4 codes + block scales
 
 
 @dataclass(frozen=True)
@@ -211,15 +239,23 @@ def _activations(m: ModelConfig, t: int, rows: int, seq: int, c: int, head: str,
 
 
 def role_memory(role: Role) -> RoleMemory:
-    st = param_stats(role.model, role.head, role.mesh, what=role.mesh_flag)
+    st = param_stats(role.model, role.head, role.mesh, what=role.mesh_flag, lora_rank=role.lora_rank,
+                     lora_targets=role.lora_targets)
     t, c, p = role.mesh.tensor, role.compute_bytes, role.param_bytes
     N = st.per_device
     cast = N * c if c < p else 0
+    stored = N * p
+    if role.load_in_4bit:  # NF4 kernels: codes + block scales, dequantized one layer at a time (in "gathered")
+        stored = (N - st.linears_per_device) * p + st.nf4_bytes_per_device
+        cast = (N - st.linears_per_device) * c if c < p else 0
     gathered = (2 * st.layer + st.head) // t * c
+    # LoRA: optimizer state and gradients for the adapters (fp32) and a score head only; no layer gradient in flight
+    trained_n = st.adapters_per_device + st.score_per_device if role.lora_rank else N
+    layer_grad = 0 if role.lora_rank else st.layer // t * 4
     return RoleMemory(
-        role=role, stats=st, params=N * p, optimizer=N * 8 if role.trained else 0,
-        grads=N * 4 * 2 if role.trained else 0,
-        work_train=(cast + gathered + st.layer // t * 4) if role.trained else 0,
+        role=role, stats=st, params=stored + st.adapters_per_device * 4, optimizer=trained_n * 8 if role.trained else 0,
+        grads=trained_n * 4 * 2 if role.trained else 0,
+        work_train=(cast + gathered + layer_grad) if role.trained else 0,
         work_forward=cast + gathered,
         act_train=_activations(role.model, t, role.train_rows, role.seq_len, c, role.head, train=True,
                                logit_positions=role.logit_positions,
@@ -558,10 +594,12 @@ def dry_run_ppo(cfg, *, processes: Optional[int] = None) -> dict:
 def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, max_len: int, bf16: bool,
                     gradient_checkpointing: bool, device_memory_gb: Optional[float], head: str = "lm",
                     ref_path: Optional[str] = None, ref_micro_batch_size: Optional[int] = None,
-                    train_batch_size: Optional[int] = None, processes: int = 1) -> Plan:
+                    train_batch_size: Optional[int] = None, processes: int = 1, lora_rank: int = 0,
+                    lora_targets: tuple[str, ...] = (), load_in_4bit: bool = False) -> Plan:
     """The plan of an offline trainer (SFT, RM, DPO, KTO): one trained ``policy`` and an optional frozen ``ref``
     (DPO/KTO reference log-probs) on the same mesh. ``micro_train_batch_size`` counts rows per data-parallel rank
-    (a DPO pair is 2 rows: pass 2 x the pair count)."""
+    (a DPO pair is 2 rows: pass 2 x the pair count). ``lora_rank`` > 0: the policy trains LoRA adapters on
+    ``lora_targets`` only (a line compares its optimizer state with full fine-tuning's)."""
     from jaxrlhf.models.config import ModelConfig
 
     spec = parse_mesh(mesh)
@@ -572,8 +610,20 @@ def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, 
         lines.append(f"batch: --train_batch_size {train_batch_size} rows = "
                      f"{train_batch_size // max(1, micro_train_batch_size * dp)} micro-batches of "
                      f"{micro_train_batch_size} x dp {dp}; T = --max_len {max_len}")
-    roles = [Role("policy", ModelConfig.from_dir(model_path), head, spec, trained=True, compute_bytes=c,
-                  remat=gradient_checkpointing, train_rows=micro_train_batch_size, seq_len=max_len)]
+    policy = Role("policy", ModelConfig.from_dir(model_path), head, spec, trained=True, compute_bytes=c,
+                  remat=gradient_checkpointing, train_rows=micro_train_batch_size, seq_len=max_len,
+                  lora_rank=lora_rank, lora_targets=tuple(lora_targets), load_in_4bit=load_in_4bit)
+    roles = [policy]
+    if lora_rank:
+        lora = role_memory(policy)
+        full = role_memory(dataclasses.replace(policy, lora_rank=0, load_in_4bit=False))
+        lines.append(f"LoRA r={lora_rank} on {','.join(lora_targets)}: {lora.stats.adapters:,} adapter parameters "
+                     f"({100 * lora.stats.adapters / lora.stats.total:.2f}% of {lora.stats.total:,}); optimizer state "
+                     f"per device {gib(lora.optimizer)} (full fine-tuning: {gib(full.optimizer)}), gradients "
+                     f"{gib(lora.grads)} (full: {gib(full.grads)})")
+        if load_in_4bit:
+            lines.append(f"QLoRA: NF4 base, parameters per device {gib(lora.params)} (fp32 base: "
+                         f"{gib(role_memory(dataclasses.replace(policy, load_in_4bit=False)).params)})")
     if ref_path:
         roles.append(Role("ref", ModelConfig.from_dir(ref_path), "lm", spec, param_bytes=c, compute_bytes=c,
                           forward_rows=ref_micro_batch_size or micro_train_batch_size, seq_len=max_len))

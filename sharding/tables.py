@@ -26,6 +26,20 @@ LLAMA_FAMILY = PartitionRules(
         (r"(input_layernorm|post_attention_layernorm|model/norm)/scale$", P()),
         (r"^lm_head/kernel$", P("fsdp", "tensor")),
         (r"^score/kernel$", P("fsdp", None)),
+        # LoRA adapters (models/lora.py): A [in, r], B [r, out]. The rank axis is replicated; the other axis is split
+        # over the base kernel's axis for that dim (column-parallel: in over fsdp, out over tensor; row-parallel the
+        # other way round) and then over the remaining axis too, so adapters, their gradients and Adam state are
+        # spread over every device (ZeRO-3) instead of replicated over the axis the base splits the other dim over.
+        (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/lora_a$", P(("fsdp", "tensor"), None)),
+        (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/lora_b$", P(None, ("tensor", "fsdp"))),
+        (r"(self_attn/o_proj|mlp/down_proj)/lora_a$", P(("tensor", "fsdp"), None)),
+        (r"(self_attn/o_proj|mlp/down_proj)/lora_b$", P(None, ("fsdp", "tensor"))),
+        # QLoRA's NF4 base (models/nf4.py): codes [in/2, out] split like the kernel; block scales [in/64, out] keep
+        # the block axis whole (few blocks) and split out over both axes, like the adapters' B.
+        (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel_nf4$", P("fsdp", "tensor")),
+        (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel_absmax$", P(None, ("tensor", "fsdp"))),
+        (r"(self_attn/o_proj|mlp/down_proj)/kernel_nf4$", P("tensor", "fsdp")),
+        (r"(self_attn/o_proj|mlp/down_proj)/kernel_absmax$", P(None, ("fsdp", "tensor"))),
     ),
 )
 

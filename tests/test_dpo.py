@@ -225,3 +225,19 @@ def test_bad_reference_and_data(root, capsys):
     assert cli(base + ["--dataset", data, "--apply_chat_template", "--input_template", "{}:"]) == 2
     assert "not both" in capsys.readouterr().err
     assert not os.path.exists(root / "bad" / "config.json")
+
+
+def test_dpo_with_lora_raises_the_held_out_margin(root):
+    """LoRA r=8 on every linear, the frozen base as the reference: step 1 is exactly the reference (B = 0), then the
+    held-out margin rises."""
+    train = write_jsonl(root / "train_lora.jsonl", fixed_preference_rows(64, seed=0))
+    evaluation = write_jsonl(root / "eval_lora.jsonl", fixed_preference_rows(16, seed=1))
+    cfg = DPOConfig(pretrain=str(root / "policy"), dataset=train, eval_dataset=evaluation, prompt_key="prompt",
+                    max_len=16, train_batch_size=16, micro_train_batch_size=2, max_epochs=1, learning_rate=1e-2,
+                    lr_warmup_ratio=0.0, beta=0.1, eval_steps=2, save_path=str(root / "out_lora"),
+                    ckpt_path=str(root / "out_lora" / "ckpt"), lora_rank=8, lora_alpha=16)
+    out = main(cfg)
+    log = [json.loads(line) for line in open(out["log"])]
+    assert abs(log[0]["margin"]) < 1e-4 and abs(log[0]["loss"] - np.log(2)) < 1e-4
+    evals = [r["eval/margin"] for r in log if "eval/margin" in r]
+    assert evals[-1] > evals[0] and evals[-1] > 0, evals

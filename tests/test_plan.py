@@ -298,3 +298,60 @@ def test_offline_trainers_dry_run_from_the_command_line(dirs, trainer, capsys):
     assert ("ref" in printed) == (trainer in ("dpo", "kto"))
     assert cli([*argv[:-1], "8", "--micro_train_batch_size", "64"]) == 2  # refused: names the knob
     assert "--micro_train_batch_size" in capsys.readouterr().err
+
+
+def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
+    """With LoRA the plan's optimizer bytes per device are the real adapter-only Adam state on device 0 (4x2), and
+    its parameter bytes what device 0 holds (also with QLoRA's NF4 base)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from jaxrlhf.models import ModelConfig, from_pretrained
+    from jaxrlhf.models.lora import LoraSpec, apply_lora
+    from jaxrlhf.models.nf4 import quantize_base
+    from jaxrlhf.plan import Role, role_memory
+    from jaxrlhf.train.steps import init_optimizer, split_params
+    from jaxrlhf.train.supervised import trainable_with_lora
+    from sharding import make_mesh
+    from tests.tiny import save_tiny
+
+    save_tiny("llama3", tmp_path / "m")
+    mesh = make_mesh("4x2")
+    dev0 = mesh.devices.flat[0]
+    targets = ("q_proj", "v_proj", "down_proj")
+    cfg = ModelConfig.from_dir(str(tmp_path / "m"))
+    for head, four_bit in (("lm", False), ("score", False), ("lm", True)):
+        model = from_pretrained(str(tmp_path / "m"), mesh=mesh, head=head)
+        if four_bit:
+            quantize_base(model, mesh=mesh)
+        apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets), seed=0, mesh=mesh)
+        params = nnx.split(model)[1].to_pure_dict()
+        opt = init_optimizer(optax.adam(1e-3), split_params(params, trainable_with_lora(head))[0], mesh)
+        real = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0
+                   for s in x.addressable_shards if s.device == dev0)
+        planned = role_memory(Role("policy", cfg, head, MeshSpec(fsdp=4, tensor=2), trained=True, lora_rank=4,
+                                   lora_targets=targets, load_in_4bit=four_bit))
+        assert planned.optimizer == real, head
+        on_dev0 = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(params) for s in x.addressable_shards
+                      if s.device == dev0)
+        assert planned.params == on_dev0, head
+
+
+def test_dry_run_shows_the_lora_saving(dirs, capsys):
+    from jaxrlhf.sft import cli
+
+    argv = ["--pretrain", str(dirs["8b"]), "--dataset", "unused.jsonl", "--mesh", "8x1", "--max_len", "2048",
+            "--train_batch_size", "64", "--micro_train_batch_size", "2", "--bf16", "--gradient_checkpointing",
+            "--dry_run", "--device_memory_gb", "80"]
+    assert cli([*argv, "--lora_rank", "16"]) == 0
+    printed = capsys.readouterr().out
+    # Llama-3-8B, r=16 on every linear: 16 * sum(in + out) per layer x 32 = 41,943,040 adapter parameters
+    assert "LoRA r=16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj: 41,943,040 adapter parameters" \
+        in printed, printed
+    assert "optimizer state per device 0.04 (full fine-tuning: 7.48)" in printed, printed
+    assert cli([*argv, "--lora_rank", "16", "--load_in_4bit"]) == 0
+    printed = capsys.readouterr().out
+    # embedding + untied head stay fp32: 2 x 128256 x 4096 x 4 B / 8 = 0.49 GiB; 6.98e9 linear elements x 0.5625 B / 8
+    # = 0.46 GiB; the fp32 adapters 0.02 GiB
+    assert "QLoRA: NF4 base, parameters per device 0.97 (fp32 base: 3.76)" in printed, printed

@@ -4,6 +4,7 @@ transformers loads and scores identically), and bad input.
 
 Tolerances: fp32 JAX vs float64 NumPy/PyTorch references agree to 1e-4 absolute on scores and losses of order 1.
 """
+import dataclasses
 import json
 import math
 import os
@@ -275,3 +276,24 @@ def test_bad_input_fails_before_compute(root, capsys):
         cli(base + ["--dataset", good, "--margin_loss", "--loss", "logexp"])
     assert "--margin_loss needs --loss sigmoid" in capsys.readouterr().err
     assert not os.path.exists(root / "bad" / "config.json")  # nothing was trained or exported
+
+
+def test_rm_with_lora_trains_adapters_and_the_score_head(root, trained):
+    """LoRA on a causal LM turned reward model: the adapters and the fresh score head train (PEFT's
+    modules_to_save), the base does not; the preference is learned."""
+    cfg, _ = trained
+    lora = dataclasses.replace(cfg, save_path=str(root / "out_lora"), ckpt_path=str(root / "out_lora" / "ckpt"),
+                               lora_rank=8, lora_alpha=16, learning_rate=1e-2, eval_steps=8)
+    out = main(lora)
+    log = [json.loads(line) for line in open(out["log"])]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.1, (log[0], log[-1])
+    from flax import nnx
+
+    from jaxrlhf.models import from_pretrained
+
+    start = nnx.state(from_pretrained(cfg.pretrain, head="score", seed=cfg.seed)).to_pure_dict()
+    p = out["params"]
+    assert np.array_equal(np.asarray(p["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]),
+                          np.asarray(start["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]))
+    assert not np.array_equal(np.asarray(p["score"]["kernel"]), np.asarray(start["score"]["kernel"]))
+    assert np.abs(np.asarray(p["model"]["layers"][0]["mlp"]["up_proj"]["lora_b"])).max() > 0

@@ -37,12 +37,31 @@ def dense(x_nd, w_dk, *, out_dtype=None):
 
 
 class Linear(nnx.Module):
+    """``y = x W (+ b)``, and with a LoRA adapter (``models/lora.py`` attaches ``lora_a`` ``[D, r]`` and ``lora_b``
+    ``[r, K]``): ``y = x W + scale * (x A) B``, ``scale = alpha / r``, each product a 2-D GEMM. QLoRA
+    (``models/nf4.py``): ``kernel`` is None and ``W`` is dequantized from ``kernel_nf4`` / ``kernel_absmax`` in the
+    input's dtype inside the call."""
+
     def __init__(self, din: int, dout: int, *, bias: bool, dtype, rngs: nnx.Rngs, std: float = 0.02):
         self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (din, dout), dtype))
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
+        # data attributes: models/lora.py and models/nf4.py may attach Params
+        self.lora_a = self.lora_b = self.kernel_nf4 = self.kernel_absmax = nnx.data(None)
+        self.lora_scale = 0.0
+
+    def weight(self, dtype):
+        """``W [D, K]`` (dequantized from NF4 in ``dtype`` when the base is 4-bit)."""
+        if self.kernel is None:
+            from jaxrlhf.models.nf4 import dequantize
+
+            return dequantize(self.kernel_nf4[...], self.kernel_absmax[...], dtype)
+        return self.kernel[...]
 
     def __call__(self, x):
-        y = dense(x, self.kernel[...])
+        y = dense(x, self.weight(x.dtype))
+        if self.lora_a is not None:
+            y = y + self.lora_scale * dense(dense(x, self.lora_a[...].astype(x.dtype)),
+                                            self.lora_b[...].astype(x.dtype))
         return y + self.bias[...] if self.bias is not None else y
 
 
@@ -171,6 +190,7 @@ class Decoder(nnx.Module):
         if head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
         self.cfg, self.head, self.mesh, self.remat = cfg, head, mesh, remat
+        self.lora = None  # a models.lora.LoraSpec once adapters are attached (models/lora.py apply_lora)
         self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
         has_lm_head = head == "lm" and not cfg.tie_word_embeddings
         self.lm_head = (Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)

@@ -57,33 +57,71 @@ def init_optimizer(tx: optax.GradientTransformation, params, mesh):
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
+def split_params(params: dict, trainable: Callable[[str], bool] | None) -> tuple[dict, dict]:
+    """``(trained, frozen)``: the nested params dict split by ``trainable(path)`` (``/``-joined path) into two
+    nested dicts holding disjoint leaves (empty branches dropped). ``trainable`` None: everything is trained."""
+    if trainable is None:
+        return params, {}
+
+    def walk(d, prefix):
+        t, f = {}, {}
+        for k, v in d.items():
+            path = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                vt, vf = walk(v, path)
+                if vt:
+                    t[k] = vt
+                if vf:
+                    f[k] = vf
+            elif trainable(path):
+                t[k] = v
+            else:
+                f[k] = v
+        return t, f
+
+    return walk(params, "")
+
+
+def join_params(a: dict, b: dict) -> dict:
+    """Inverse of ``split_params``: the deep union of two nested dicts with disjoint leaves."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = join_params(out[k], v) if k in out else v
+    return out
+
+
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *, params, opt_state, mesh,
-                    compute_dtype=None):
+                    compute_dtype=None, trainable: Callable[[str], bool] | None = None):
     """Build ``step(params, opt_state, micro_batches) -> (params, opt_state, metrics)`` (jitted, donated).
 
     ``params`` / ``opt_state`` are examples whose shardings fix the step's in/out shardings. Metrics are the
     micro-batch sums of what ``loss_fn`` returns (already globally normalised; names ending in ``_max`` / ``_min``:
-    the maximum / minimum) plus ``grad_norm``.
+    the maximum / minimum) plus ``grad_norm``. ``trainable(path)`` (e.g. LoRA adapters only): gradients are taken
+    and ``tx`` applied only for those leaves (``opt_state`` = ``init_optimizer`` of ``split_params(...)[0]``); the
+    rest pass through unchanged, with no gradient buffers and no optimizer state.
     """
     p_sh, o_sh = shardings_of(params), shardings_of(opt_state)
 
-    def loss_of(p, mb):
+    def loss_of(trained, frozen, mb):
+        p = join_params(trained, frozen)
         if compute_dtype is not None:
             p = cast_floating(p, compute_dtype)
         return loss_fn(nnx.merge(graphdef, p), mb)
 
     def step(params, opt_state, micro_batches):
+        trained, frozen = split_params(params, trainable)
+
         def micro(grads, mb):
-            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(params, mb)
+            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, mb)
             return jax.tree_util.tree_map(jnp.add, grads, g), {"loss": loss, **metrics}
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
         grads, metrics = jax.lax.scan(micro, zeros, micro_batches)
         metrics = {k: m.max(0) if k.endswith("_max") else m.min(0) if k.endswith("_min") else m.sum(0)
                    for k, m in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return join_params(optax.apply_updates(trained, updates), frozen), opt_state, metrics
 
     compiled: dict = {}
 

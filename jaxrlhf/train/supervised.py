@@ -59,11 +59,12 @@ from typing import Any, Callable, Literal, Optional, Protocol
 import numpy as np
 
 from jaxrlhf.cli import arg, error_text, parse_config
+from jaxrlhf.train.lora import LoraFlags
 from jaxrlhf.train.run import RunFlags
 
 
 @dataclass
-class SupervisedConfig(RunFlags):  # + the flags every trainer shares (train/run.py)
+class SupervisedConfig(RunFlags, LoraFlags):  # + the flags every trainer shares (train/run.py), LoRA (train/lora.py)
     """Flags of the offline trainers (OpenRLHF's spelling) beyond the shared ones."""
 
     # ---- data
@@ -98,6 +99,7 @@ class SupervisedConfig(RunFlags):  # + the flags every trainer shares (train/run
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_lora()
         if not 0.0 <= self.eval_holdout < 1.0:
             raise ValueError(f"--eval_holdout must be in [0, 1), got {self.eval_holdout}")
         if self.max_len < 2:
@@ -136,13 +138,22 @@ def dry_run(cfg: SupervisedConfig) -> dict:
     """``--dry_run``: print the mesh, batch arithmetic and per-device memory plan; refuse what cannot fit."""
     from jaxrlhf.plan import dry_run_supervised
 
+    from jaxrlhf.models.lora import parse_targets
+
     rows = cfg.rows_per_sample()
+    rank, targets = cfg.lora_rank, parse_targets(cfg.target_modules)
+    if cfg.lora_path:
+        from converters.peft import read_spec
+
+        spec = read_spec(cfg.lora_path)
+        rank, targets = spec.rank, spec.targets
     return dry_run_supervised(model_path=cfg.pretrain, mesh=cfg.mesh, max_len=cfg.max_len, bf16=cfg.bf16,
                               micro_train_batch_size=cfg.micro_train_batch_size * rows,
                               train_batch_size=cfg.train_batch_size * rows,
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               device_memory_gb=cfg.device_memory_gb, head=cfg.trained_head(),
-                              ref_path=cfg.reference(), processes=cfg.num_processes or 1)
+                              ref_path=cfg.reference(), processes=cfg.num_processes or 1, lora_rank=rank,
+                              lora_targets=targets, load_in_4bit=cfg.load_in_4bit)
 
 
 def data_parallel_size(mesh) -> int:
@@ -257,13 +268,17 @@ def frozen_reference(cfg: SupervisedConfig, mesh, path: str, fn: Callable[[Any, 
 
 def load_model(cfg: SupervisedConfig, mesh, *, head: str = "lm", path: str | None = None):
     """``--pretrain`` (or ``path``) as an fp32 ``Decoder`` sharded on ``mesh``; ``head="score"`` on a causal LM adds
-    a fresh value head seeded by ``--seed``; ``--gradient_checkpointing`` turns on layer remat."""
+    a fresh value head seeded by ``--seed``; ``--gradient_checkpointing`` turns on layer remat; ``--lora_rank`` /
+    ``--lora_path`` attach LoRA adapters (then only they, and a score head, are trained)."""
     import jax.numpy as jnp
 
     from jaxrlhf.models import from_pretrained
+    from jaxrlhf.train.lora import add_lora
 
-    return from_pretrained(path or cfg.pretrain, mesh=mesh, dtype=jnp.float32, head=head,
-                           remat=cfg.gradient_checkpointing, seed=cfg.seed)
+    model = from_pretrained(path or cfg.pretrain, mesh=mesh, dtype=jnp.float32, head=head,
+                            remat=cfg.gradient_checkpointing, seed=cfg.seed)
+    return add_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
+                    lora_path=cfg.lora_path, seed=cfg.seed, mesh=mesh, load_in_4bit=cfg.load_in_4bit)
 
 
 def check_batch_arithmetic(cfg: SupervisedConfig, dp: int, num_train: int, num_eval: int | None) -> None:
@@ -316,7 +331,8 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     from jaxrlhf.train.checkpoint import Checkpointer
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.run import open_logger, prepare_outputs, stop_if_not_finite, total_steps_of
-    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, stack_micro_batches
+    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, split_params, \
+        stack_micro_batches
 
     dp = data_parallel_size(mesh)
     check_batch_arithmetic(cfg, dp, len(train_data), None if eval_data is None else len(eval_data))
@@ -326,7 +342,8 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     total_steps = total_steps_of(batches.batches_per_epoch, cfg.max_epochs, cfg.max_steps)
     eval_every = batches.batches_per_epoch if cfg.eval_steps == -1 else cfg.eval_steps
 
-    model_cfg = model.cfg
+    model_cfg, lora = model.cfg, model.lora
+    trainable = None if lora is None else trainable_with_lora(head)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
     del model, state
@@ -334,9 +351,9 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
         learning_rate=cfg.learning_rate, total_steps=total_steps, warmup_ratio=cfg.lr_warmup_ratio,
         min_lr_ratio=1.0 if cfg.lr_scheduler == "constant_with_warmup" else cfg.min_lr_ratio,
         weight_decay=cfg.l2, betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
-    opt_state = init_optimizer(tx, params, mesh)
+    opt_state = init_optimizer(tx, split_params(params, trainable)[0], mesh)
     train_step = make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt_state, mesh=mesh,
-                                 compute_dtype=compute_dtype)
+                                 compute_dtype=compute_dtype, trainable=trainable)
     evaluate = _evaluator(eval_data, make_forward(graphdef, loss_fn, params=params, mesh=mesh,
                                                   compute_dtype=compute_dtype), prepare, dp=dp, micro=micro)
 
@@ -383,28 +400,45 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
 
     out = {"metrics": metrics, "eval": eval_metrics, "log": os.path.join(log_dir, "metrics.jsonl"),
            "steps": total_steps, "params": params}
-    return {**out, **_export(cfg, params, model_cfg, head=head, extra_config=extra_config,
+    return {**out, **_export(cfg, params, model_cfg, head=head, extra_config=extra_config, lora=lora,
                              plot=(out["log"], f"{name}_metrics.png", plot_keys))}
 
 
-def _export(cfg: SupervisedConfig, params, model_cfg, *, head: str, extra_config, plot: tuple) -> dict:
-    """The final HF model in ``--save_path`` (also when resumed at the last step) and the plot.
+def trainable_with_lora(head: str) -> Callable[[str], bool]:
+    """What a LoRA run trains: the adapters, and a reward model's / critic's fresh score head (PEFT's
+    ``modules_to_save``); the base stays frozen, with no gradients and no optimizer state."""
+    from jaxrlhf.models.lora import is_adapter
+
+    return lambda path: is_adapter(path) or (head == "score" and path.startswith("score/"))
+
+
+def _export(cfg: SupervisedConfig, params, model_cfg, *, head: str, extra_config, plot: tuple, lora=None) -> dict:
+    """The final HF model in ``--save_path`` (also when resumed at the last step) and the plot. With LoRA (``lora``
+    a ``LoraSpec``) the adapters are merged into the exported weights, and ``--lora_save_adapter`` writes them as a
+    PEFT directory ``--save_path/lora_adapter`` as well.
 
     Every process: ``extra_config`` may run jitted forwards on the mesh and the export gathers each sharded tensor
     (collectives); only process 0 writes files (and gets ``{"save_path", "plot"}`` back)."""
     import jax
 
     from converters.hf import export_hf
+    from converters.peft import save_adapter
+    from jaxrlhf.models.lora import merge
     from jaxrlhf.train.metrics import plot_metrics
 
     extra = extra_config(params) if extra_config is not None else None
-    saved = export_hf(params, model_cfg, cfg.save_path, head=head, aux_from=cfg.pretrain, extra_config=extra,
-                      overwrite=True)
+    saved = export_hf(params if lora is None else merge(params, lora.scale), model_cfg, cfg.save_path, head=head,
+                      aux_from=cfg.pretrain, extra_config=extra, overwrite=True)
+    adapter = {}
+    if lora is not None and cfg.lora_save_adapter:
+        adapter_dir = save_adapter(params, model_cfg, lora, os.path.join(cfg.save_path, "lora_adapter"),
+                                   base_model=cfg.pretrain)
+        adapter = {"lora_adapter": adapter_dir}
     if jax.process_index() != 0:
         return {}
     log, png, keys = plot
     plot_metrics(log, list(keys), os.path.join(cfg.save_path, png))
-    return {"save_path": saved, "plot": os.path.join(cfg.save_path, png)}
+    return {"save_path": saved, "plot": os.path.join(cfg.save_path, png), **adapter}
 
 
 def _resume(cfg: SupervisedConfig, ckpt, fingerprint: dict, batches, state: tuple):
@@ -429,8 +463,13 @@ def run_fingerprint(cfg: SupervisedConfig, name: str, train_data: BatchSource) -
 
     first = train_data.batch(np.arange(min(16, len(train_data))))
     rows = [first[k] for k in sorted(first) if np.ndim(first[k]) > 0]
+    lora = None  # the trained parameters' layout: LoRA or not, which adapters, a 4-bit base
+    if cfg.lora_rank or cfg.lora_path:
+        lora = (f"--lora_path {cfg.lora_path}" if cfg.lora_path else
+                f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --target_modules "
+                f"{','.join(cfg.target_modules)}") + (" --load_in_4bit" if cfg.load_in_4bit else "")
     return {"trainer": name, "--seed": cfg.seed, "--train_batch_size": cfg.train_batch_size,
-            "--dataset": data_fingerprint(rows, len(train_data))}
+            "--dataset": data_fingerprint(rows, len(train_data)), "LoRA": lora}
 
 
 def _throughput(batch: dict, seconds: float) -> dict:
