@@ -36,6 +36,7 @@ from typing import Literal, Optional
 
 from jaxrlhf.cli import arg, config_to_dict, parse_config
 from jaxrlhf.data.postprocess import DEFAULT_REWARD_TEMPLATE
+from jaxrlhf.rewards import RewardFlags
 from jaxrlhf.rollout.setup import RolloutFlags, check_rollout_flags
 from sharding.distributed import DistributedConfig
 
@@ -43,17 +44,13 @@ PROGRESS = ".progress"  # suffix of the resumable generation's working file
 
 
 @dataclass
-class BatchInferenceConfig(DistributedConfig, RolloutFlags):  # + the engine and sampling flags (rollout/setup.py)
+class BatchInferenceConfig(DistributedConfig, RolloutFlags, RewardFlags):  # + the engine and sampling flags
+    # (rollout/setup.py), the reward flags of --eval_task rm (rewards/)
     eval_task: Literal["generate", "rm"] = arg("generate", "generate samples, or score input/output rows (rm)")
     output_path: str = arg(None, "the JSON-lines file written (atomically)")
     # ---- models
     pretrain: Optional[str] = arg(None, "policy (generate): HF directory or converted checkpoint; rm: the tokenizer "
                                         "for --reward_pretrain (default: the first reward model's)")
-    reward_pretrain: Optional[str] = arg(None, "rm: reward model directory(ies), comma-separated: scores are summed")
-    remote_rm_url: Optional[str] = arg(None, "rm: reward.py with reward_func(queries, prompts, labels), or HTTP URL(s)")
-    remote_rm_timeout: float = arg(60.0, "seconds per HTTP reward request before a retry")
-    value_head_prefix: Optional[str] = arg(None, "score tensor prefix: score (HF) or value_head (OpenRLHF); None "
-                                                 "detects")
     normalize_reward: bool = arg(False, "rm: reward models' scores normalised by their configs' mean/std")
     mesh: str = arg("1x1", "device mesh of the JAX sampler / reward models: FSDPxTENSOR, e.g. 4x2")
     seed: int = arg(42, "seed of the sampling (chunk k of the prompts is sampled with seed + its first row x n)")
@@ -314,37 +311,28 @@ def score(cfg: BatchInferenceConfig) -> dict:
     from jaxrlhf.data import postprocess
     from jaxrlhf.rewards.texts import score_texts
 
-    if cfg.reward_pretrain is None and cfg.remote_rm_url is None:
-        raise ValueError("--eval_task rm needs a reward: --reward_pretrain (reward model dirs) and/or "
-                         "--remote_rm_url (reward.py or http URLs)")
+    from jaxrlhf.rewards import load_rewards
+
     rows, labels = read_scored_inputs(cfg)
     if cfg.post_processor == "iter_dpo":
         postprocess.iterative_dpo_pairs([{**r, "reward": 0.0} for r in rows])  # a single response per prompt: refuse
-    tokenizer = reward_models = remote = None
+    tokenizer = mesh = None
     if cfg.reward_pretrain:
         import jax.numpy as jnp
 
         from jaxrlhf.data.tokenizer import load_tokenizer
-        from jaxrlhf.rewards.model import RewardModels
         from jaxrlhf.train.run import start_meshes
 
         mesh = start_meshes(cfg)[1]["main"]
-        paths = cfg.reward_pretrain.split(",")
-        tokenizer = load_tokenizer(cfg.pretrain or paths[0])
-        reward_models = RewardModels(paths, mesh=mesh, value_head_prefix=cfg.value_head_prefix,
-                                     compute_dtype=jnp.bfloat16 if cfg.bf16 else None)
-    if cfg.remote_rm_url:
-        from jaxrlhf.rewards import load_remote_reward
-
-        remote = load_remote_reward(cfg.remote_rm_url, timeout_s=cfg.remote_rm_timeout)
+        tokenizer = load_tokenizer(cfg.pretrain or cfg.reward_pretrain.split(",")[0])
+    rewards = load_rewards(cfg, mesh=mesh, compute_dtype=jnp.bfloat16 if cfg.bf16 and mesh is not None else None)
     progress = Progress("rm", len(rows))
     extras: dict = {}
     for a in range(0, len(rows), cfg.chunk_size):
         part = rows[a:a + cfg.chunk_size]
         reward, extra = score_texts([r["input"] for r in part], [r["output"] for r in part],
-                                    labels[a:a + cfg.chunk_size], tokenizer=tokenizer, reward_models=reward_models,
-                                    remote_reward=remote, chunk=cfg.micro_batch_size,
-                                    normalize=cfg.normalize_reward, max_len=cfg.max_len)
+                                    labels[a:a + cfg.chunk_size], tokenizer=tokenizer, chunk=cfg.micro_batch_size,
+                                    normalize=cfg.normalize_reward, max_len=cfg.max_len, **rewards)
         for r, x in zip(part, reward):
             r["reward"] = float(x)
         for k, v in extra.items():
@@ -374,14 +362,12 @@ def main(cfg: BatchInferenceConfig) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    from jaxrlhf.cli import report_errors
     from jaxrlhf.rewards import RewardError
 
     cfg = parse_config(BatchInferenceConfig, argv, prog="python -m jaxrlhf.batch_inference")
-    try:
-        out = main(cfg)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError, RewardError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    out = report_errors(main, cfg, (ValueError, KeyError, TypeError, OSError, RuntimeError, RewardError))
+    if out is None:
         return 2
     if not out.get("skipped"):
         rate = f", {out['samples_per_s']:.1f} samples/s" if "samples_per_s" in out else ""
