@@ -242,10 +242,10 @@ def generate(cfg: BatchInferenceConfig) -> dict:
     chunks = [indices[a:a + cfg.chunk_size] for a in range(0, len(indices), cfg.chunk_size)]
     progress_path = cfg.output_path + PROGRESS
     rows, done = resume_progress(progress_path, settings_fingerprint(cfg), chunks, cfg.best_of_n)
-    progress = Progress("generate", len(indices) * cfg.best_of_n, len(rows))
     tokens = 0
     with contextlib.ExitStack() as run:
         engine = open_engine(cfg, mesh, tokenizer, run) if len(done) < len(chunks) else None
+        progress = Progress("generate", len(indices) * cfg.best_of_n, len(rows))  # samples/s: generation only
         with open(progress_path, "a") as f:
             for c, idx in enumerate(chunks):
                 if c in done:

@@ -236,3 +236,27 @@ def test_generate_on_two_vllm_engines_matches_the_row_format(setup, tmp_path):
     assert out["rows"] == 30 and [(r["prompt_index"], r["sample_index"]) for r in rows] == [
         (i, j) for i in range(10) for j in range(3)]
     assert all(r["label"] == str(2 * r["prompt_index"] + 1) and 1 <= r["num_tokens"] <= 4 for r in rows)
+
+
+def test_rm_with_a_reward_model_matches_transformers(tmp_path):
+    """Scores of a tiny HF reward model (read at the last token of input + output + EOS) against transformers'."""
+    import torch
+    import transformers
+
+    from jaxrlhf.data.tokenizer import load_tokenizer
+    from tests.preference_tiny import tiny_model
+
+    rm = tiny_model(tmp_path / "rm", kind="score", seed=3)
+    rows = [{"input": p, "output": o} for p, o in (("ab:", "vw"), ("abcde:", "x"), ("z:", "abcdeab"), ("a:", ""))]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = main(BatchInferenceConfig(eval_task="rm", dataset=data, reward_pretrain=rm, mesh="4x2", micro_batch_size=4,
+                                    output_path=str(tmp_path / "scored.jsonl")))
+    assert out["rows"] == 4
+    tok = load_tokenizer(rm)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(rm).eval()
+    for r in read_jsonl(tmp_path / "scored.jsonl"):
+        ids = tok(r["input"], add_special_tokens=False)["input_ids"] + tok(r["output"], add_special_tokens=False)[
+            "input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            want = float(model(torch.tensor([ids])).logits[0, 0])
+        assert abs(r["reward"] - want) < 1e-4
