@@ -181,7 +181,7 @@ def settings_fingerprint(cfg: BatchInferenceConfig) -> dict:
             "prompt_max_len", "greedy_sampling", "temperature", "top_p", "top_k", "seed", "chunk_size",
             "vllm_num_engines")
     plain = config_to_dict(cfg)
-    return {k: plain[k] for k in keys}
+    return {f"--{k}": plain[k] for k in keys}
 
 
 def complete_chunks(rows: list[dict], chunks: list[list[int]], n: int) -> tuple[list[dict], set[int]]:
@@ -199,6 +199,7 @@ def resume_progress(path: str, fingerprint: dict, chunks: list[list[int]], n: in
     """The rows and chunk numbers already generated into the progress file ``path`` (rewritten to hold exactly
     them); ValueError when it was written with other settings."""
     from jaxrlhf.data.postprocess import read_jsonl_lines, write_jsonl
+    from jaxrlhf.train.run import differences
 
     if not os.path.exists(path):
         write_jsonl(path, [{"progress_of": fingerprint}])
@@ -206,10 +207,9 @@ def resume_progress(path: str, fingerprint: dict, chunks: list[list[int]], n: in
     lines = read_jsonl_lines(path)
     saved = lines[0].get("progress_of") if lines else None
     if saved != fingerprint:
-        diffs = [f"--{k}: then {(saved or {}).get(k)!r}, now {v!r}" for k, v in fingerprint.items()
-                 if (saved or {}).get(k) != v]
-        raise ValueError(f"{path} holds an unfinished generation with other settings ({'; '.join(diffs)}): rerun "
-                         f"with the same flags to resume it, or delete it to start over")
+        raise ValueError(f"{path} holds an unfinished generation with other settings "
+                         f"({'; '.join(differences(saved, fingerprint))}): rerun with the same flags to resume it, or "
+                         "delete it to start over")
     rows, done = complete_chunks(lines[1:], chunks, n)
     write_jsonl(path, [lines[0], *rows])
     print(f"[generate] resuming: {len(done)} of {len(chunks)} chunks already in {path}", file=sys.stderr)

@@ -32,11 +32,11 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from jaxrlhf.cli import arg
+from jaxrlhf.cli import arg, config_to_dict
 from jaxrlhf.dpo import DPOConfig
 from jaxrlhf.rewards import RewardFlags
 from jaxrlhf.rollout.setup import PromptFlags, RolloutFlags, check_rollout_flags
-from jaxrlhf.train.run import at_least_one
+from jaxrlhf.train.run import at_least_one, differences
 
 ITERATIONS = "iterations.jsonl"
 
@@ -69,9 +69,19 @@ def iteration_dir(cfg: IterativeDPOConfig, k: int) -> str:
     return os.path.join(cfg.save_path, f"iter_{k}")
 
 
+def settings(cfg: IterativeDPOConfig) -> dict:
+    """What a resumed run must share with the iterations it continues (recorded in every row of iterations.jsonl)."""
+    plain = config_to_dict(cfg)
+    keys = ("pretrain", "ref_pretrain", "prompt_data", "prompt_data_probs", "input_key", "label_key",
+            "apply_chat_template", "input_template", "max_samples", "best_of_n", "rollout_batch_size", "temperature",
+            "top_p", "top_k", "generate_max_len", "prompt_max_len", "reward_pretrain", "remote_rm_url", "seed",
+            "beta", "max_epochs", "learning_rate", "train_batch_size")
+    return {f"--{k}": plain[k] for k in keys}
+
+
 def finished_iterations(cfg: IterativeDPOConfig) -> list[dict]:
     """The rows of ``iterations.jsonl`` (one per finished iteration); refuses a started run without
-    ``--load_checkpoint``."""
+    ``--load_checkpoint``, and a resume with other settings unless ``--allow_config_change``."""
     path = os.path.join(cfg.save_path, ITERATIONS)
     started = os.path.isdir(cfg.save_path) and any(e.startswith("iter_") for e in os.listdir(cfg.save_path))
     if started and not cfg.load_checkpoint:
@@ -80,7 +90,13 @@ def finished_iterations(cfg: IterativeDPOConfig) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    diffs = differences(rows[-1].get("settings") if rows else None, settings(cfg))
+    if rows and diffs and not cfg.allow_config_change:
+        raise ValueError(f"{path} was written by a run with other settings ({'; '.join(diffs)}): resume with the "
+                         "same flags, pass --allow_config_change if the change is deliberate, or choose another "
+                         "--save_path")
+    return rows
 
 
 def sample_and_score(cfg: IterativeDPOConfig, k: int, *, engine, tokenizer, data, rewards: dict, chunk: int):
@@ -188,7 +204,7 @@ def main(cfg: IterativeDPOConfig) -> dict:
             engine.update_weights(hf_entries(params, model_cfg, gather=bool(cfg.vllm_num_engines)))
             policy = iter_cfg.save_path
             model = load_model(cfg, mesh, head="lm", path=policy)  # the next DPO run's (fit donates its buffers)
-            rows_out.append({**row, "policy": policy})
+            rows_out.append({**row, "policy": policy, "settings": settings(cfg)})
             write_jsonl(os.path.join(cfg.save_path, ITERATIONS), rows_out)
         final = None
         if cfg.final_eval:

@@ -115,6 +115,9 @@ def test_generate_rows_counts_and_resume_of_a_killed_run(setup, monkeypatch):
     assert all(r["label"] == str(2 * r["prompt_index"] + 1) for r in rows)
     assert all(r["finish_reason"] in ("stop", "length") and 1 <= r["num_tokens"] <= 4 for r in rows)
     assert not os.path.exists(str(root / "full.jsonl") + ".progress")
+    # conditioning on a target score (conditional SFT): the score goes into the prompt through --input_template
+    main(gen_cfg(setup, root / "cond.jsonl", input_template="{} <rm_score>: 2.0 ", max_samples=2, best_of_n=1))
+    assert [r["input"] for r in read_jsonl(root / "cond.jsonl")] == ["0+1= <rm_score>: 2.0 ", "1+2= <rm_score>: 2.0 "]
 
     # Kill the run in its second chunk (after the first chunk's rows are on disk), and tear the file's last line.
     from jaxrlhf.rollout import texts

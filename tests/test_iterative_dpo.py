@@ -79,10 +79,12 @@ def test_killed_in_the_second_iteration_and_resumed_equals_uninterrupted(setup, 
     with pytest.raises(ValueError, match="--load_checkpoint"):
         main(config(setup, setup / "resumed"))
     resumed = main(config(setup, setup / "resumed", load_checkpoint=True))
-    strip = [{k: v for k, v in r.items() if k != "policy"} for r in resumed["iterations"]]
-    assert strip == [{k: v for k, v in r.items() if k != "policy"} for r in rows]
+    strip = [{k: v for k, v in r.items() if k not in ("policy", "settings")} for r in resumed["iterations"]]
+    assert strip == [{k: v for k, v in r.items() if k not in ("policy", "settings")} for r in rows]
     a, b = weights(full["policy"]), weights(resumed["policy"])
     assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--best_of_n: then 4, now 3"):  # finished iterations are not mixed
+        main(config(setup, setup / "resumed", load_checkpoint=True, best_of_n=3, num_iterations=3))
 
 
 def test_bad_flags_exit_2_with_one_line(setup, tmp_path, capsys):
