@@ -260,3 +260,24 @@ def recover(dst: str) -> list[str]:
     if done:
         _fsync(parent)
     return done
+
+
+@contextmanager
+def replace_file(dst: str) -> Iterator[str]:
+    """Yield a hidden sibling path ``.NAME.partial-PID-TOKEN`` to write a file into; when the block finishes it is
+    flushed to disk and renamed over ``dst`` in one ``os.replace`` (a reader, or a run killed at any instant, finds
+    the old file or the new one, never a torn one). An exception in the block removes the sibling."""
+    dst = os.path.abspath(dst)
+    if os.path.isdir(dst):
+        raise IsADirectoryError(f"{dst} is a directory: pass a file path for the output")
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = _sibling(dst, "partial", secrets.token_hex(6))
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync(os.path.dirname(dst))

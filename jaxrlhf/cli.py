@@ -528,3 +528,15 @@ def at_defaults(cfg: T, changes: dict[str, Any]) -> T:
     """``cfg`` with ``changes`` applied to the fields the user left at their defaults (a demo's settings)."""
     keep = {k: v for k, v in changes.items() if getattr(cfg, k) == field_default(cfg, k)}
     return dataclasses.replace(cfg, **keep)
+
+
+def report_errors(main: typing.Callable[[T], Any], cfg: T, errors: tuple[type[BaseException], ...]) -> Any:
+    """``main(cfg)``, or None after printing ``error: <message>`` (one line, no traceback) when it raises one of
+    ``errors`` (bad input found after parsing: a missing dataset key, an unreachable reward server...): the entry
+    point then exits with code 2."""
+    try:
+        return main(cfg)
+    except errors as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return None

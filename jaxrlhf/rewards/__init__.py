@@ -14,13 +14,17 @@ label or None.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+from jaxrlhf.cli import arg
 
 from jaxrlhf.rewards.function import RewardError, RewardFunction, RewardResult, parse_reward_output
 from jaxrlhf.rewards.http import HttpRewardClient, split_batch
 
 __all__ = [
     "HttpRewardClient",
+    "RewardFlags",
     "RewardError",
     "RewardFunction",
     "RewardResult",
@@ -30,6 +34,34 @@ __all__ = [
     "parse_reward_output",
     "split_batch",
 ]
+
+
+@dataclass
+class RewardFlags:
+    """The reward flags (OpenRLHF's spelling) of a config that scores samples; ``load_rewards`` builds them."""
+
+    reward_pretrain: Optional[str] = arg(None, "reward model directory(ies), comma-separated: scores are summed")
+    remote_rm_url: Optional[str] = arg(None, "reward.py with reward_func(queries, prompts, labels), or HTTP URL(s)")
+    remote_rm_timeout: float = arg(60.0, "seconds per HTTP reward request before a retry")
+    value_head_prefix: Optional[str] = arg(None, "score tensor prefix: score (HF) or value_head (OpenRLHF); None "
+                                                 "detects")
+
+
+def load_rewards(flags: RewardFlags, *, mesh, compute_dtype=None) -> dict:
+    """``{"reward_models": RewardModels or None, "remote_reward": source or None}`` (the keyword arguments of
+    ``rewards.texts.score_texts``); ValueError when the flags name no reward at all."""
+    if flags.reward_pretrain is None and flags.remote_rm_url is None:
+        raise ValueError("no reward: pass --reward_pretrain (reward model dirs) and/or --remote_rm_url (reward.py or "
+                         "http URLs)")
+    models = None
+    if flags.reward_pretrain:
+        from jaxrlhf.rewards.model import RewardModels
+
+        models = RewardModels(flags.reward_pretrain.split(","), mesh=mesh, value_head_prefix=flags.value_head_prefix,
+                              compute_dtype=compute_dtype)
+    remote = load_remote_reward(flags.remote_rm_url, timeout_s=flags.remote_rm_timeout) if flags.remote_rm_url \
+        else None
+    return {"reward_models": models, "remote_reward": remote}
 
 
 class RewardSource(Protocol):

@@ -35,6 +35,19 @@ class RolloutFlags:
                                            "local one")
 
 
+@dataclass
+class PromptFlags:
+    """The prompt-dataset flags (PPO's spelling) of a config that samples from a prompt dataset."""
+
+    prompt_data: Optional[str] = arg(None, "prompt dataset(s), comma-separated: files, type@dir, save_to_disk dirs")
+    prompt_data_probs: Optional[str] = arg(None, "mixing probabilities of --prompt_data, comma-separated")
+    prompt_split: str = arg("train", "dataset split")
+    input_key: str = arg("input", "prompt field")
+    label_key: Optional[str] = arg(None, "label field passed to the reward function")
+    prompt_max_len: int = arg(1024, "prompt tokens kept (left-truncated)")
+    generate_max_len: int = arg(1024, "most tokens generated per sample")
+
+
 def check_rollout_flags(flags: RolloutFlags) -> None:
     if flags.vllm_num_engines < 0:
         raise ValueError(f"--vllm_num_engines must be >= 0, got {flags.vllm_num_engines}")

