@@ -27,30 +27,17 @@ from typing import ClassVar, Literal, Optional
 from jaxrlhf.advantages import ESTIMATORS, Estimator
 from jaxrlhf.cli import arg, error_text, parse_config
 from jaxrlhf.openrlhf_flags import DEEPSPEED_ONLY, OPENRLHF_ALIASES
-from jaxrlhf.rollout.setup import RolloutFlags, check_rollout_flags
+from jaxrlhf.rewards import RewardFlags
+from jaxrlhf.rollout.setup import PromptFlags, RolloutFlags, check_rollout_flags
 from jaxrlhf.train.run import RunFlags, at_least_one
 
 
 @dataclass
-class PPOConfig(RunFlags, RolloutFlags):  # + the shared run flags (train/run.py) and the engine flags (rollout/)
+class PPOConfig(RunFlags, RolloutFlags, PromptFlags, RewardFlags):  # + the shared run, engine, prompt, reward flags
     ALIASES: ClassVar[dict] = OPENRLHF_ALIASES
     IGNORED: ClassVar[dict] = DEEPSPEED_ONLY
-    # ---- models
-    reward_pretrain: Optional[str] = arg(None, "reward model directory(ies), comma-separated: scores are summed")
+    # ---- models (+ the reward flags: rewards.RewardFlags; the prompt flags: rollout.setup.PromptFlags)
     critic_pretrain: Optional[str] = arg(None, "critic init (default: the reward model, else the actor)")
-    value_head_prefix: Optional[str] = arg(None, "score tensor prefix: score (HF) or value_head (OpenRLHF); None detects")
-    remote_rm_url: Optional[str] = arg(None, "reward.py with reward_func(queries, prompts, labels), or HTTP URL(s)")
-    remote_rm_timeout: float = arg(60.0, "seconds per HTTP reward request before a retry")
-    remote_rm_token: Optional[str] = arg(None, "token the HTTP reward server requires (default: $JAXRLHF_RM_TOKEN; "
-                                               "prefer the variable: flags show in `ps`)")
-    # ---- data
-    prompt_data: Optional[str] = arg(None, "prompt dataset(s), comma-separated: files, type@dir, save_to_disk dirs")
-    prompt_data_probs: Optional[str] = arg(None, "mixing probabilities of --prompt_data, comma-separated")
-    prompt_split: str = arg("train", "dataset split")
-    input_key: str = arg("input", "prompt field")
-    label_key: Optional[str] = arg(None, "label field passed to the reward function")
-    prompt_max_len: int = arg(1024, "prompt tokens kept (left-truncated)")
-    generate_max_len: int = arg(1024, "most tokens generated per sample")
     # ---- batch arithmetic and optimisation
     rollout_batch_size: int = arg(1024, "prompts per PPO step")
     n_samples_per_prompt: int = arg(1, "completions sampled per prompt")

@@ -45,6 +45,8 @@ class RewardFlags:
     remote_rm_timeout: float = arg(60.0, "seconds per HTTP reward request before a retry")
     value_head_prefix: Optional[str] = arg(None, "score tensor prefix: score (HF) or value_head (OpenRLHF); None "
                                                  "detects")
+    remote_rm_token: Optional[str] = arg(None, "token the HTTP reward server requires (default: $JAXRLHF_RM_TOKEN; "
+                                               "prefer the variable: flags show in `ps`)")
 
 
 def load_rewards(flags: RewardFlags, *, mesh, compute_dtype=None) -> dict:
@@ -59,8 +61,8 @@ def load_rewards(flags: RewardFlags, *, mesh, compute_dtype=None) -> dict:
 
         models = RewardModels(flags.reward_pretrain.split(","), mesh=mesh, value_head_prefix=flags.value_head_prefix,
                               compute_dtype=compute_dtype)
-    remote = load_remote_reward(flags.remote_rm_url, timeout_s=flags.remote_rm_timeout) if flags.remote_rm_url \
-        else None
+    remote = load_remote_reward(flags.remote_rm_url, timeout_s=flags.remote_rm_timeout,
+                                token=flags.remote_rm_token) if flags.remote_rm_url else None
     return {"reward_models": models, "remote_reward": remote}
 
 
