@@ -62,7 +62,8 @@ DEEPSPEED_ONLY = {
     **{k: _MESH for k in ("zero_stage", "ds.zero_stage", "zpg", "ds.zpg", "overlap_comm", "ds.overlap_comm",
                           "ds.tensor_parallel_size", "ring_attn_size", "ds.ring_attn_size", "ring_attn_head_stride",
                           "ds.ring_attn_head_stride", "ds.use_universal_ckpt", "use_universal_ckpt")},
-    **{k: "the optimizer state lives sharded on the mesh (no CPU offload)" for k in ("adam_offload", "ds.adam_offload")},
+    **{k: "the optimizer state lives sharded on the mesh (no CPU offload)"
+       for k in ("adam_offload", "ds.adam_offload")},
     **{k: _XLA for k in ("flash_attn", "attn_implementation", "ds.attn_implementation", "use_liger_kernel",
                          "ds.use_liger_kernel", "deepcompile", "ds.deepcompile", "ds.experts_implementation",
                          "packing_samples", "ds.packing_samples", "grad_accum_dtype", "ds.grad_accum_dtype",

@@ -141,8 +141,8 @@ class PPOConfig(RunFlags, RolloutFlags, PromptFlags, RewardFlags):  # + the shar
                 "tis": ("token", "clip"), "icepop": ("token", "mask"), "seq-mask-tis": ("seq", "mask")}[
                 self.is_correction_type or "tis"]
             self.is_correction_gating = "ratio"
-        if len(self.is_correction_threshold) not in (1, 2) or (
-                len(self.is_correction_threshold) == 2 and self.is_correction_threshold[0] > self.is_correction_threshold[1]):
+        t = self.is_correction_threshold
+        if len(t) not in (1, 2) or (len(t) == 2 and t[0] > t[1]):
             raise ValueError(f"--is_correction_threshold takes LOW HIGH (LOW <= HIGH) or one HIGH, got "
                              f"{self.is_correction_threshold}")
         if self.is_correction_mode == "clip" and (self.is_correction_level == "seq" or
