@@ -468,7 +468,9 @@ def parse_config(cls: type[T], argv: list[str] | None = None, *, prog: str | Non
         parser.unknown_flag_error(extras)
     given = vars(ns)
     values: dict[str, Any] = {}
-    ignored = [k[len(_IGNORED):] for k in list(given) if k.startswith(_IGNORED) and given.pop(k) is not _IGNORED]
+    ignored = [k[len(_IGNORED):] for k in list(given) if k.startswith(_IGNORED)]
+    for name in ignored:
+        del given[_IGNORED + name]
     if given.get("config") is not None:
         values.update(_load_yaml(given.pop("config"), parser, fields, cls, ignored))
     given.pop("config", None)

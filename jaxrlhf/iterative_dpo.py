@@ -34,7 +34,7 @@ from typing import Optional
 
 from jaxrlhf.cli import arg, config_to_dict
 from jaxrlhf.dpo import DPOConfig
-from jaxrlhf.rewards import RewardFlags
+from jaxrlhf.rewards import RewardFlags, require_reward
 from jaxrlhf.rollout.setup import PromptFlags, RolloutFlags, check_rollout_flags
 from jaxrlhf.train.run import at_least_one, differences
 
@@ -60,9 +60,7 @@ class IterativeDPOConfig(DPOConfig, RolloutFlags, PromptFlags, RewardFlags):  # 
         if self.best_of_n < 2:
             raise ValueError(f"--best_of_n {self.best_of_n}: iterative DPO pairs the best with the worst response "
                              "of each prompt, so it needs --best_of_n >= 2")
-        if self.reward_pretrain is None and self.remote_rm_url is None:
-            raise ValueError("no reward: pass --reward_pretrain (reward model dirs) and/or --remote_rm_url (reward.py "
-                             "or http URLs)")
+        require_reward(self)
 
 
 def iteration_dir(cfg: IterativeDPOConfig, k: int) -> str:

@@ -416,9 +416,7 @@ def is_correction(
         if gating == "binary_kl" and level == "seq":
             stat = jnp.maximum(stat, 0.0)
     keep = jnp.broadcast_to((stat >= low) & (stat <= high), w.shape)
-    coef = jnp.where(keep, w, 0.0) if mode == "mask" else jnp.clip(w, low, high)
-    if mode == "clip":
-        keep = (w >= low) & (w <= high)
+    coef = jnp.where(keep, w, 0.0) if mode == "mask" else jnp.clip(w, low, high)  # clip: stat is w, keep = in band
     filtered = jnp.where(valid, (~keep).astype(jnp.float32), 0.0)
     return jax.lax.stop_gradient(coef), filtered, jax.lax.stop_gradient(w)
 

@@ -87,16 +87,14 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     from jaxrlhf.data.loader import BatchIterator
     from jaxrlhf.data.tokenizer import load_tokenizer
     from jaxrlhf.models import ModelConfig, from_pretrained
-    from jaxrlhf.rewards import load_remote_reward
-    from jaxrlhf.rewards.model import RewardModels
+    from jaxrlhf.rewards import load_rewards, require_reward
     from jaxrlhf.train.ppo_step import PPOState
     from jaxrlhf.train.run import prepare_outputs, total_steps_of
     from sharding import placement
 
     mesh = meshes["main"]
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.reward_pretrain is None and cfg.remote_rm_url is None:
-        raise ValueError("no reward: pass --reward_pretrain (reward model dir) or --remote_rm_url (reward.py / URL)")
+    require_reward(cfg)
     if cfg.prompt_data is None:
         raise ValueError("--prompt_data is required with --pretrain")
     prepare_outputs(cfg.save_path, "actor", "critic")
@@ -128,13 +126,10 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
         critic_def, critic_params = _split(from_pretrained(
             _critic_source(cfg), mesh=mesh, dtype=jnp.float32, head="score", value_head_prefix=cfg.value_head_prefix,
             remat=cfg.gradient_checkpointing, seed=cfg.seed))
-    reward_models = RewardModels(cfg.reward_pretrain.split(","), mesh=meshes.get("reward", mesh),
-                                 value_head_prefix=cfg.value_head_prefix,
-                                 compute_dtype=compute_dtype) if cfg.reward_pretrain else None
+    rewards = load_rewards(cfg, mesh=meshes.get("reward", mesh), compute_dtype=compute_dtype)
+    reward_models, remote_reward = rewards["reward_models"], rewards["remote_reward"]
     if reward_models is not None and cfg.reward_offload:
         reward_models.offload()
-    remote_reward = load_remote_reward(cfg.remote_rm_url, timeout_s=cfg.remote_rm_timeout,
-                                       token=cfg.remote_rm_token) if cfg.remote_rm_url else None
 
     steps = _compile(cfg, mesh=mesh, ref_mesh=meshes.get("ref"), actor=(actor_def, actor_params),
                      ref=(ref_def, ref_params), critic=(critic_def, critic_params), compute_dtype=compute_dtype,
@@ -382,7 +377,7 @@ def async_batch(cfg, p: Parts, version: int, timer) -> Batch:
         submit()
     with timer("generate"):
         item, rollout = pipe.take(p.client)
-    while len(pipe.pending) < cfg.async_queue_size:
+    while len(pipe.pending) < pipe.queue_size:
         submit()
     prompts, _, labels = p.data.batch(item.indices)
     return Batch(prompts, labels, rollout, np.full(len(rollout.sequences), item.version))

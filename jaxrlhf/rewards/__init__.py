@@ -49,12 +49,17 @@ class RewardFlags:
                                                "prefer the variable: flags show in `ps`)")
 
 
-def load_rewards(flags: RewardFlags, *, mesh, compute_dtype=None) -> dict:
-    """``{"reward_models": RewardModels or None, "remote_reward": source or None}`` (the keyword arguments of
-    ``rewards.texts.score_texts``); ValueError when the flags name no reward at all."""
+def require_reward(flags: RewardFlags) -> None:
+    """ValueError when the flags name no reward at all (checked before anything is loaded)."""
     if flags.reward_pretrain is None and flags.remote_rm_url is None:
         raise ValueError("no reward: pass --reward_pretrain (reward model dirs) and/or --remote_rm_url (reward.py or "
                          "http URLs)")
+
+
+def load_rewards(flags: RewardFlags, *, mesh, compute_dtype=None) -> dict:
+    """``{"reward_models": RewardModels or None, "remote_reward": source or None}`` (the keyword arguments of
+    ``rewards.texts.score_texts``); ValueError when the flags name no reward at all."""
+    require_reward(flags)
     models = None
     if flags.reward_pretrain:
         from jaxrlhf.rewards.model import RewardModels

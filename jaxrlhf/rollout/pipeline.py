@@ -95,18 +95,13 @@ class AsyncRollouts:
     # ------------------------------------------------------------------------------------------ checkpoints
     def arrays(self) -> dict:
         """The built rollouts of the pending batches (call ``ready`` first), as host arrays."""
-        out = {}
-        for i, item in enumerate(self.pending):
-            r = item.rollout
-            out[str(i)] = {"sequences": r.sequences, "attention_mask": r.attention_mask,
-                           "rollout_logp": r.rollout_logp, "truncated": r.truncated}
-        return out
+        return {str(i): _rollout_arrays(item.rollout) for i, item in enumerate(self.pending)}
 
     def meta(self) -> dict:
         return {"submitted": self.submitted, "pending": [
             {"indices": item.indices, "n": item.n, "version": item.version, "prompt_len": item.rollout.prompt_len,
-             "shapes": {k: list(np.shape(v)) for k, v in self.arrays()[str(i)].items()}}
-            for i, item in enumerate(self.pending)]}
+             "shapes": {k: list(np.shape(v)) for k, v in _rollout_arrays(item.rollout).items()}}
+            for item in self.pending]}
 
     @staticmethod
     def abstract(meta: dict) -> dict:
@@ -159,6 +154,11 @@ class AsyncRollouts:
     def _after_sync(self) -> None:
         self._turn.release()
         self._sync_wanted.clear()
+
+
+def _rollout_arrays(r) -> dict:
+    return {"sequences": r.sequences, "attention_mask": r.attention_mask, "rollout_logp": r.rollout_logp,
+            "truncated": r.truncated}
 
 
 def continue_in_segments(generate: Callable[[list[list[int]], SamplingParams], list[Completion]],
