@@ -143,6 +143,7 @@ def test_resume_safety_logs_and_the_missing_final_export(setup, capsys):
     (dict(train_batch_size=0), "--train_batch_size must be >= 1, got 0"),
     (dict(micro_rollout_batch_size=0), "--micro_rollout_batch_size must be >= 1, got 0"),
     (dict(use_wandb="False", ckpt_path="/dev/null"), "is a file: pass a directory as --ckpt_path"),
+    (dict(async_train=True), "--async_train overlaps the engines' generation with the update: it needs the vLLM pool"),
 ])
 def test_bad_flags(setup, flags, message, capsys):
     try:
