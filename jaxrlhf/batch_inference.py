@@ -14,10 +14,11 @@
 (``--reward_pretrain a,b``: summed), a ``reward.py`` or reward servers (``--remote_rm_url``); each row gets a
 ``reward`` field, or with ``--post_processor`` (jaxrlhf/data/postprocess.py):
 
-- ``rs``: the best response per prompt -> ``{"input", "output"}`` SFT data (``jaxrlhf.sft --output_key output``);
+- ``rs``: the best response per prompt -> ``{"input", "output"}`` SFT data (``jaxrlhf.sft`` reads
+  it with its default keys);
 - ``csft``: every row, its normalised reward written into the prompt through ``--reward_template``;
-- ``iter_dpo``: best / worst response per prompt -> ``{"prompt", "chosen", "rejected"}`` (``jaxrlhf.dpo
-  --prompt_key prompt``); prompts whose best and worst score the same are dropped and counted.
+- ``iter_dpo``: best / worst response per prompt -> ``{"prompt", "chosen", "rejected"}`` (``jaxrlhf.dpo``
+  reads it with its default keys); prompts whose best and worst score the same are dropped and counted.
 
 Outputs are written whole (temporary file + rename). Generation is resumable: rows are appended chunk by chunk
 (``--chunk_size`` prompts) to ``OUTPUT.progress`` (its first line records the settings); a rerun with the same flags

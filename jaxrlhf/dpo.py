@@ -43,8 +43,9 @@ class DPOConfig(SupervisedConfig):
     label_smoothing: float = arg(0.0, "cDPO: probability that a preference label is flipped, in [0, 0.5)")
     ipo: bool = arg(False, "IPO loss (h - 1/(2 beta))^2 instead of the sigmoid loss")
     nll_loss_coef: float = arg(0.0, "weight of the NLL loss on the chosen responses (0: off)")
-    prompt_key: Optional[str] = arg(None, "prompt field (None: the prompt is every message of --chosen_key but the "
-                                          "last, with --apply_chat_template)")
+    prompt_key: Optional[str] = arg(None, "prompt field (None: 'prompt' when every record has string prompt/chosen/"
+                                          "rejected fields, as batch_inference's iter_dpo rows; else with "
+                                          "--apply_chat_template every message of --chosen_key but the last)")
     chosen_key: str = arg("chosen", "preferred response field (a string or a list of chat messages)")
     rejected_key: str = arg("rejected", "dispreferred response field")
     max_len: int = arg(512, "tokens per sequence (prompt + response; longer pairs are truncated or dropped)")

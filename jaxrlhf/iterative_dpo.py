@@ -139,9 +139,8 @@ def main(cfg: IterativeDPOConfig) -> dict:
     from jaxrlhf.data.postprocess import iterative_dpo_pairs, write_jsonl
     from jaxrlhf.data.preference import PairedDataset
     from jaxrlhf.dpo import FORWARD_KEYS, REF_NAMES, make_dpo_loss, ref_logprobs
-    from jaxrlhf.ppo_setup import load_prompts
     from jaxrlhf.rewards import load_rewards
-    from jaxrlhf.rollout.setup import make_engine
+    from jaxrlhf.rollout.setup import load_prompts, make_engine
     from jaxrlhf.train.supervised import data_parallel_size, fit, frozen_reference, load_model, \
         load_tokenizer_for, reference_path
 
@@ -149,7 +148,8 @@ def main(cfg: IterativeDPOConfig) -> dict:
     if cfg.prompt_data is None:
         raise ValueError("--prompt_data is required: the prompts to sample from")
     tokenizer = load_tokenizer_for(cfg)
-    data = load_prompts(cfg, tokenizer)
+    data = load_prompts(cfg, tokenizer, apply_chat_template=cfg.apply_chat_template, input_template=cfg.input_template,
+                        max_samples=cfg.max_samples, seed=cfg.seed, rollout_batch_size=cfg.rollout_batch_size)
     ref_path = reference_path(cfg.ref_pretrain, cfg.pretrain)
     done = finished_iterations(cfg)
     policy = done[-1]["policy"] if done else cfg.pretrain

@@ -49,25 +49,6 @@ class Parts:
         return sum(len(f.compiled) for f in fns if f is not None) + self.client.compile_count()
 
 
-def load_prompts(cfg, tokenizer):
-    """``--prompt_data`` blended and tokenized (``PromptDataset``), checked against ``--rollout_batch_size``."""
-    from jaxrlhf.data.prompts import PromptDataset
-    from jaxrlhf.data.sources import blend, parse_probs, split_specs
-
-    records = blend(split_specs(cfg.prompt_data), parse_probs(cfg.prompt_data_probs), seed=cfg.seed,
-                    max_samples=cfg.max_samples, split=cfg.prompt_split)
-    data = PromptDataset(records, tokenizer, input_key=cfg.input_key, label_key=cfg.label_key,
-                         apply_chat_template=cfg.apply_chat_template, input_template=cfg.input_template,
-                         prompt_max_len=cfg.prompt_max_len, source=cfg.prompt_data)
-    if data.num_truncated:
-        print(f"[data] {data.num_truncated} of {len(data)} prompts were longer than --prompt_max_len "
-              f"{cfg.prompt_max_len} and were left-truncated", file=sys.stderr)
-    if len(data) < cfg.rollout_batch_size:
-        raise ValueError(f"--rollout_batch_size {cfg.rollout_batch_size} exceeds the {len(data)} prompts of "
-                         f"--prompt_data: lower it")
-    return data
-
-
 def _split(model):
     from flax import nnx
 
@@ -88,6 +69,7 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     from jaxrlhf.data.tokenizer import load_tokenizer
     from jaxrlhf.models import ModelConfig, from_pretrained
     from jaxrlhf.rewards import load_rewards, require_reward
+    from jaxrlhf.rollout.setup import load_prompts
     from jaxrlhf.train.ppo_step import PPOState
     from jaxrlhf.train.run import prepare_outputs, total_steps_of
     from sharding import placement
@@ -102,7 +84,8 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     if os.path.isdir(cfg.pretrain):
         ModelConfig.from_dir(cfg.pretrain)  # a broken config.json is named as such, not as a tokenizer failure
     tokenizer = load_tokenizer(cfg.pretrain)
-    data = load_prompts(cfg, tokenizer)
+    data = load_prompts(cfg, tokenizer, apply_chat_template=cfg.apply_chat_template, input_template=cfg.input_template,
+                        max_samples=cfg.max_samples, seed=cfg.seed, rollout_batch_size=cfg.rollout_batch_size)
     batches = BatchIterator(len(data), cfg.rollout_batch_size, seed=cfg.seed)
     total_steps = total_steps_of(batches.batches_per_epoch, cfg.num_episodes, cfg.max_steps)
     updates_per_step = cfg.max_epochs * cfg.rollout_batch_size * cfg.n_samples_per_prompt // cfg.train_batch_size

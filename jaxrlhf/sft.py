@@ -30,7 +30,9 @@ from jaxrlhf.train.supervised import SupervisedConfig, check_batch_arithmetic, d
 class SFTConfig(SupervisedConfig):
     input_key: str = arg("input", "prompt field (the text itself with --pretrain_mode, the conversation with "
                                   "--multiturn)")
-    output_key: Optional[str] = arg(None, "response field")
+    output_key: Optional[str] = arg(None, "response field (None: 'output' when every record has string input/output "
+                                          "fields, as batch_inference's rs/csft rows; else with "
+                                          "--apply_chat_template the conversation in --input_key ends with it)")
     multiturn: bool = arg(False, "the --input_key field is a conversation: learn every assistant turn")
     pretrain_mode: bool = arg(False, "continued pre-training: loss on every token of --input_key, no template")
     max_epochs: int = arg(2, "passes over the training set")

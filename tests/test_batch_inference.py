@@ -185,7 +185,7 @@ def test_sft_trains_on_csft_output_unchanged(setup, tmp_path):
     rows = [{"input": f"{a}+{b}=", "output": str(a + b), "reward": float(a == b)} for a in range(4) for b in range(4)]
     csft = postprocess.write_jsonl(str(tmp_path / "csft.jsonl"), postprocess.conditional_sft(
         rows, "{input} <rm_score>: {reward} "))
-    out = sft_main(SFTConfig(pretrain=setup["model"], dataset=csft, output_key="output", max_len=24, mesh="4x2",
+    out = sft_main(SFTConfig(pretrain=setup["model"], dataset=csft, max_len=24, mesh="4x2",
                              train_batch_size=8, micro_train_batch_size=2, max_epochs=1, learning_rate=1e-3,
                              save_path=str(tmp_path / "sft"), ckpt_path=str(tmp_path / "sft" / "ckpt")))
     assert out["steps"] == 2 and out["metrics"]["loss"] > 0

@@ -499,6 +499,34 @@ def test_sft_plain_eos_truncation_and_drops_are_counted(tok):
     assert padded["input_ids"].shape == (1, 16) and padded["attention_mask"].sum() == 12
 
 
+def test_recipe_rows_train_with_the_default_keys(tok):
+    """batch_inference's rs/csft rows ({input, output} strings) and iter_dpo rows ({prompt, chosen, rejected}
+    strings) read with the trainers' default (None) keys equal the explicit keys; conversations keep the old
+    meaning of the None key (the response is the conversation's last message)."""
+    from jaxrlhf.data.preference import PairedDataset
+    from jaxrlhf.data.sft import SFTDataset
+
+    rows = [{"prompt_index": 0, "input": "ab", "output": "cd", "reward": 1.0},
+            {"prompt_index": 1, "input": "abc", "output": "x", "reward": 0.5}]
+    implicit, explicit = SFTDataset(rows, tok), SFTDataset(rows, tok, output_key="output")
+    assert [s.input_ids for s in implicit.samples] == [s.input_ids for s in explicit.samples]
+    assert [s.loss_mask for s in implicit.samples] == [s.loss_mask for s in explicit.samples]
+    assert implicit.implicit_key == "output" and explicit.implicit_key is None
+    assert "responses from the 'output' field (no --output_key given)" in implicit.summary()
+    with pytest.raises(ValueError, match="--output_key is required"):  # one row without it: no guessing
+        SFTDataset(rows + [{"input": "a", "out": "b"}], tok)
+
+    pairs = [{"prompt": "ab", "chosen": "cd", "rejected": "x"}, {"prompt": "b", "chosen": "e", "rejected": "fg"}]
+    implicit, explicit = PairedDataset(pairs, tok), PairedDataset(pairs, tok, prompt_key="prompt")
+    np.testing.assert_array_equal(implicit.batch([0, 1])["chosen_loss_mask"], explicit.batch([0, 1])["chosen_loss_mask"])
+    np.testing.assert_array_equal(implicit.batch([0, 1])["rejected_input_ids"],
+                                  explicit.batch([0, 1])["rejected_input_ids"])
+    assert "prompts from the 'prompt' field (no --prompt_key given)" in implicit.summary()
+    convs = [{"prompt": "hi", "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+              "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "no"}]}]
+    assert PairedDataset(convs, tok, apply_chat_template=True).implicit_key is None  # UltraFeedback-style rows
+
+
 def test_sft_pretrain_mode_learns_every_token(tok):
     from jaxrlhf.data.sft import SFTDataset
 

@@ -46,7 +46,7 @@ def test_rejection_sampling_round_raises_accuracy(task, tmp_path):
                                          output_path=str(tmp_path / "rs.jsonl")))
     rows = [json.loads(line) for line in open(tmp_path / "rs.jsonl")]
     assert len(rows) == 100 and sum(r["reward"] for r in rows) >= 80  # the best of 8 is mostly right
-    sft(SFTConfig(pretrain=task["policy"], dataset=str(tmp_path / "rs.jsonl"), output_key="output", max_len=8,
+    sft(SFTConfig(pretrain=task["policy"], dataset=str(tmp_path / "rs.jsonl"), max_len=8,
                   train_batch_size=16, micro_train_batch_size=4, max_epochs=3, learning_rate=5e-4,
                   lr_warmup_ratio=0.0, mesh="4x2", save_path=str(tmp_path / "sft"),
                   ckpt_path=str(tmp_path / "sft" / "checkpoints")))

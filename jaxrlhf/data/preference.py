@@ -9,7 +9,9 @@ Text, as OpenRLHF builds it (``openrlhf/datasets/reward_dataset.py`` and ``unpai
   "content"}`` messages are taken as they are. Without a prompt field, the response conversations carry the prompt:
   the prompt is every message but the last, and chosen and rejected must share it.
 - otherwise prompt and responses must be strings; the prompt is ``input_template.format(prompt)`` when a template
-  is given (``""`` without a prompt field).
+  is given (``""`` without a prompt field). Pairs without ``--prompt_key`` whose records all carry string
+  ``prompt``, chosen and rejected fields (``batch_inference``'s ``iter_dpo`` rows) take ``prompt`` as the prompt
+  field, so those files train with the default keys.
 
 Tokens: the prompt and each response are tokenized separately with ``add_special_tokens=False`` (a chat template
 writes its own BOS) and concatenated, so the prompt/response boundary is exact and the prompt tokens are the ones a
@@ -40,7 +42,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from jaxrlhf.data.loader import left_pad, right_pad
-from jaxrlhf.data.prompts import _column, _columns
+from jaxrlhf.data.prompts import _column, _columns, implicit_text_field
 from jaxrlhf.data.sft import _messages, _text
 
 Messages = list[dict[str, str]]
@@ -277,6 +279,9 @@ class PairedDataset:
         self.eos_id, self.pad_id = _check_common(tokenizer, max_len=max_len, input_template=input_template,
                                                  apply_chat_template=apply_chat_template)
         self.max_len, self.padding_side, self.source = max_len, padding_side, source
+        self.implicit_key = None
+        if prompt_key is None:  # plain prompt/chosen/rejected strings (batch_inference's iter_dpo rows)
+            prompt_key = self.implicit_key = implicit_text_field(records, "prompt", [chosen_key, rejected_key])
         keys = ([prompt_key] if prompt_key else []) + [chosen_key, rejected_key]
         columns = _check_records(records, keys, source)
         self.has_margin = margin_key is not None and margin_key in columns
@@ -319,7 +324,9 @@ class PairedDataset:
     def summary(self) -> str:
         """One log line: kept pairs, dropped and truncated counts."""
         return (f"{len(self.items)} of {self.num_records} pairs kept; {self.num_dropped} dropped (the prompt fills "
-                f"--max_len {self.max_len} - 2), {self.num_truncated} truncated to --max_len (EOS kept)")
+                f"--max_len {self.max_len} - 2), {self.num_truncated} truncated to --max_len (EOS kept)"
+                + (f"; prompts from the '{self.implicit_key}' field (no --prompt_key given)" if self.implicit_key
+                   else ""))
 
     def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """The pairs at ``indices`` as arrays of ``seq_len`` columns (fixed per dataset: one compile):

@@ -118,6 +118,22 @@ def _column(records: Dataset | Sequence[Mapping[str, Any]], key: str, source: st
     return values
 
 
+def implicit_text_field(records: Dataset | Sequence[Mapping[str, Any]], field: str,
+                        text_keys: Sequence[str]) -> str | None:
+    """``field`` when every record has it and ``field`` and every ``text_keys`` value of every record is a string,
+    else None: the plain prompt/response rows the generation recipes write (data/postprocess.py), read by the
+    trainers with their default (None) keys. Conversations (lists of messages) never match, so a dataset whose
+    responses are whole conversations keeps OpenRLHF's meaning of the None key."""
+    if field not in _columns(records) or isinstance(records, Dataset) and len(records) == 0:
+        return None
+    rows = records if not isinstance(records, Dataset) else records.select_columns(
+        [k for k in (field, *text_keys) if k in records.column_names])
+    for r in rows:
+        if field not in r or not all(isinstance(r.get(k), str) for k in (field, *text_keys)):
+            return None
+    return field
+
+
 class PromptDataset:
     """Prompts built once from records; `ds[i]` is a PromptItem, `ds.batch(indices)` gives lists for a rollout."""
 

@@ -11,6 +11,9 @@ Modes (OpenRLHF ``SFTDataset`` / ``preprocess_data``):
   ``{"role", "content"}``); response = ``record[output_key]`` (a string becomes one assistant message, or a message
   or list of messages). prompt text = ``template(prompt, add_generation_prompt=True)``, response text = the rest of
   ``template(prompt + response)``. Without ``output_key`` the conversation in ``input_key`` ends with the response.
+- no ``output_key`` given and every record has string ``input_key`` and ``output`` fields (the rows
+  ``batch_inference``'s ``rs`` / ``csft`` post-processors write): ``output`` is the response field, so those files
+  train with the default keys (``summary()`` says so).
 - ``multiturn`` (with the chat template): the conversation in ``input_key`` (plus ``record[output_key]`` appended
   when given); loss on every assistant turn: for assistant message i, the text between
   ``template(msgs[:i], add_generation_prompt=True)`` and ``template(msgs[:i+1])``; everything else is context.
@@ -37,7 +40,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from jaxrlhf.data.loader import right_pad
-from jaxrlhf.data.prompts import _column, _columns
+from jaxrlhf.data.prompts import _column, _columns, implicit_text_field
 
 Messages = list[dict[str, str]]
 Piece = tuple[str, bool]  # (text, learned)
@@ -85,6 +88,9 @@ class SFTDataset:
                              "--tokenizer_chat_template or use --input_template")
         if input_template is not None and "{}" not in input_template:
             raise ValueError(f"--input_template {input_template!r} has no '{{}}' placeholder for the input text")
+        self.implicit_key = None
+        if output_key is None and not (pretrain_mode or multiturn):
+            output_key = self.implicit_key = implicit_text_field(records, "output", [input_key])
         if not (pretrain_mode or apply_chat_template or output_key):
             raise ValueError("--output_key is required (the response field) unless --apply_chat_template takes the "
                              "response from the conversation, or --pretrain_mode trains on the input text")
@@ -153,7 +159,9 @@ class SFTDataset:
         """One line for the log: kept samples and every reason a record was changed or dropped."""
         return (f"{len(self.samples)} of {self.num_records} records kept; {self.num_dropped_too_long} dropped (the "
                 f"prompt fills --max_len {self.max_len} - 2), {self.num_dropped_empty} dropped (nothing to learn: "
-                f"empty response or no assistant turn); {self.num_truncated} truncated to --max_len (EOS kept)")
+                f"empty response or no assistant turn); {self.num_truncated} truncated to --max_len (EOS kept)"
+                + (f"; responses from the '{self.implicit_key}' field (no --output_key given)" if self.implicit_key
+                   else ""))
 
     def batch(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Right-padded ``input_ids``/``attention_mask`` [n, seq_len] int32, ``loss_mask`` [n, seq_len] float32, and

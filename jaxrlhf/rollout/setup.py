@@ -2,6 +2,7 @@
 the in-process JAX sampler, or a Ray pool of vLLM engines (rollout/vllm_pool.py) on process 0."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -46,6 +47,26 @@ class PromptFlags:
     label_key: Optional[str] = arg(None, "label field passed to the reward function")
     prompt_max_len: int = arg(1024, "prompt tokens kept (left-truncated)")
     generate_max_len: int = arg(1024, "most tokens generated per sample")
+
+
+def load_prompts(flags: PromptFlags, tokenizer, *, apply_chat_template: bool, input_template: Optional[str],
+                 max_samples: int, seed: int, rollout_batch_size: int):
+    """``--prompt_data`` blended and tokenized (``PromptDataset``), checked against ``--rollout_batch_size``."""
+    from jaxrlhf.data.prompts import PromptDataset
+    from jaxrlhf.data.sources import blend, parse_probs, split_specs
+
+    records = blend(split_specs(flags.prompt_data), parse_probs(flags.prompt_data_probs), seed=seed,
+                    max_samples=max_samples, split=flags.prompt_split)
+    data = PromptDataset(records, tokenizer, input_key=flags.input_key, label_key=flags.label_key,
+                         apply_chat_template=apply_chat_template, input_template=input_template,
+                         prompt_max_len=flags.prompt_max_len, source=flags.prompt_data)
+    if data.num_truncated:
+        print(f"[data] {data.num_truncated} of {len(data)} prompts were longer than --prompt_max_len "
+              f"{flags.prompt_max_len} and were left-truncated", file=sys.stderr)
+    if len(data) < rollout_batch_size:
+        raise ValueError(f"--rollout_batch_size {rollout_batch_size} exceeds the {len(data)} prompts of "
+                         f"--prompt_data: lower it")
+    return data
 
 
 def check_rollout_flags(flags: RolloutFlags) -> None:
