@@ -1,7 +1,7 @@
 """GRPO end to end on the real model: jaxrlhf (JAX sampler, and one vLLM engine) against TRL's GRPOTrainer.
 
     .venv/bin/python scripts/bench_e2e.py [--steps 4] [--prompts 8] [--group 4] [--new_tokens 32] \\
-        [--model DIR] [--skip trl,vllm] [--out bench_e2e.json]
+        [--model DIR] [--skip trl,vllm] [--jax_flags "..."] [--out bench_e2e.json]
 
 Model: SmolLM2-135M-Instruct (scripts/real_model.sh), fp32 on the CPU. Task: the arithmetic questions of
 examples/arithmetic (chat template) with its verifier as the reward, the same prompts in the same order for every
@@ -128,7 +128,7 @@ def run_jaxrlhf(args, prompts: str, work: str, engines: int) -> dict:
            "--generate_max_len", str(args.new_tokens), "--max_steps", str(args.steps), "--init_kl_coef", "0",
            "--actor_learning_rate", "1e-6", "--lr_warmup_ratio", "0", "--mesh", "1", "--vllm_num_engines",
            str(engines), "--vllm_sync_check", "off", "--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"),
-           "--save_steps", "-1", "--max_ckpt_num", "1"]
+           "--save_steps", "-1", "--max_ckpt_num", "1", *args.jax_flags.split()]
     rc, peak, _ = run_measured(cmd, out + ".log")
     if rc != 0:
         raise RuntimeError(f"jaxrlhf ({engines} engines) failed (rc {rc}); see {out}.log")
@@ -175,11 +175,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt_max_len", type=int, default=64)
     p.add_argument("--micro", type=int, default=8, help="jaxrlhf micro-batch rows (train and experience)")
     p.add_argument("--skip", default="", help="comma-separated: trl, vllm, jax")
+    p.add_argument("--jax_flags", default="", help="extra jaxrlhf.ppo flags, e.g. '--fixed_shapes --logits_chunk_size "
+                                                   "4096' for the padded, unchunked layout (peak memory before/after)")
     p.add_argument("--out", default="bench_e2e.json")
     args = p.parse_args(argv)
     if min(args.steps, args.prompts, args.group, args.new_tokens) < 1 or args.steps < 2:
         p.error("--steps must be >= 2 and the sizes >= 1")
     skip = {s for s in args.skip.split(",") if s}
+    tag = f" [{args.jax_flags}]" if args.jax_flags else ""
     if args.model is None:
         r = subprocess.run(["bash", os.path.join(ROOT, "scripts", "real_model.sh")], cwd=ROOT, check=True,
                            capture_output=True, text=True)
@@ -194,16 +197,17 @@ def main(argv=None) -> int:
                 f.write(json.dumps(row) + "\n")
         if "jax" not in skip:
             print("[bench] jaxrlhf, JAX sampler", file=sys.stderr)
-            results["jaxrlhf (JAX sampler)"] = run_jaxrlhf(args, prompts, work, engines=0)
+            results["jaxrlhf (JAX sampler)" + tag] = run_jaxrlhf(args, prompts, work, engines=0)
         if "vllm" not in skip:
             print("[bench] jaxrlhf, one vLLM engine", file=sys.stderr)
-            results["jaxrlhf (vLLM pool, 1 engine)"] = run_jaxrlhf(args, prompts, work, engines=1)
+            results["jaxrlhf (vLLM pool, 1 engine)" + tag] = run_jaxrlhf(args, prompts, work, engines=1)
         if "trl" not in skip:
             print("[bench] TRL GRPOTrainer", file=sys.stderr)
             results["TRL GRPOTrainer"] = run_trl(args, prompts, work)
 
     print(f"\nGRPO on {os.path.basename(os.path.normpath(args.model))}, fp32 CPU ({os.cpu_count()} cores): "
-          f"{args.prompts} prompts x {args.group} samples x <= {args.new_tokens} tokens; median of steps 2..{args.steps}")
+          f"{args.prompts} prompts x {args.group} samples x <= {args.new_tokens} tokens; median of steps 2..{args.steps}; "
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'run':<32} {'s/step':>8} {'peak RSS GB':>12}  steps (s)")
     for name, r in results.items():
         print(f"{name:<32} {r['s_per_step']:>8.2f} {r['peak_rss_gb']:>12.2f}  "
