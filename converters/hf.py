@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from converters.atomic import replace_dir
 from converters.safetensors_io import INDEX_NAME, SafetensorsDir, parse_size, plan_shards, write_file
-from converters.tables import ARCH_NAMES, IGNORED_HF, hf_name, table_for
+from converters.tables import ARCH_NAMES, IGNORED_HF, expert_names, hf_name, table_for
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.decoder import Decoder
 from sharding import named_shardings, path_str
@@ -88,23 +88,17 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
     bar = tqdm(total=sum(a.size * a.dtype.itemsize for _, a in wanted), unit="B", unit_scale=True,
                desc="load", disable=not progress, file=sys.stderr)
     for path, a in wanted:
-        name, transpose = hf_name(table, path)
-        if name not in by_table_name:
+        name, transpose, stacked = hf_name(table, path)
+        if name not in by_table_name and not stacked:
             if path == "score/kernel" and init_missing_score is not None:
                 std = 1.0 / (cfg.hidden_size + 1)
                 out[path] = jax.device_put(
                     (std * jax.random.normal(init_missing_score, a.shape, jnp.float32)).astype(a.dtype), a.sharding)
                 continue
-            raise ValueError(f"{src.path}: tensor {name!r} (for {path}) is missing from the checkpoint")
-        file_name = by_table_name[name]
-        used.add(file_name)
-        host = src.read(file_name)
-        if transpose:
-            host = host.T
-        if tuple(host.shape) != tuple(a.shape):
-            hf_shape = tuple(reversed(a.shape)) if transpose else tuple(a.shape)
-            raise ValueError(f"{src.path}: tensor {file_name!r} has shape {src.tensors[file_name].shape}, "
-                             f"the config implies {hf_shape}")
+        host = _read_stack(src, by_table_name, expert_names(name, stacked, a.shape[0] if stacked else 1), path,
+                           transpose, tuple(a.shape[1:]) if stacked else tuple(a.shape), used)
+        if not stacked:
+            host = host[0]
         out[path] = jax.make_array_from_callback(a.shape, a.sharding,
                                                  lambda idx, h=host, dt=a.dtype: np.asarray(h[idx], dtype=dt))
         bar.update(a.size * a.dtype.itemsize)
@@ -124,8 +118,29 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
     return _unflatten(out, abstract)
 
 
+def _read_stack(src: SafetensorsDir, by_table_name: dict, names: list[str], path: str, transpose: bool,
+                shape: tuple, used: set) -> np.ndarray:
+    """The tensors ``names`` read (each transposed when ``transpose``), checked against ``shape`` and stacked
+    ``[len(names), *shape]`` (a stacked MoE parameter: one tensor per expert)."""
+    parts = []
+    for name in names:
+        if name not in by_table_name:
+            raise ValueError(f"{src.path}: tensor {name!r} (for {path}) is missing from the checkpoint")
+        file_name = by_table_name[name]
+        used.add(file_name)
+        host = src.read(file_name)
+        host = host.T if transpose else host
+        if tuple(host.shape) != shape:
+            hf_shape = tuple(reversed(shape)) if transpose else shape
+            raise ValueError(f"{src.path}: tensor {file_name!r} has shape {src.tensors[file_name].shape}, "
+                             f"the config implies {hf_shape}")
+        parts.append(host)
+    return np.stack(parts) if len(parts) > 1 else parts[0][None]
+
+
 def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
-    """``[(hf_name, transpose, array)]`` for every parameter, in tree order."""
+    """``[(hf_name, transpose, array)]`` for every HF tensor, in tree order (a stacked MoE parameter ``[E, ...]``
+    gives one entry per expert, ``array[e]``)."""
     from jaxrlhf.models.lora import is_adapter
 
     table = table_for(cfg.model_type)
@@ -133,7 +148,14 @@ def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
     if any(is_adapter(path) for path, _ in flat):
         raise ValueError("the parameters hold LoRA adapters: merge them first (jaxrlhf.models.lora.merge) for a plain "
                          "HF model, or write them as a PEFT adapter (converters.peft.save_adapter)")
-    return [(*hf_name(table, path), arr) for path, arr in flat]
+    out = []
+    for path, arr in flat:
+        name, transpose, stacked = hf_name(table, path)
+        if stacked:
+            out += [(n, transpose, arr[e]) for e, n in enumerate(expert_names(name, True, arr.shape[0]))]
+        else:
+            out.append((name, transpose, arr))
+    return out
 
 
 def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:

@@ -90,10 +90,10 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     from jaxrlhf.rewards import load_rewards, require_reward
     from jaxrlhf.train.ppo_step import PPOState
     from jaxrlhf.train.run import prepare_outputs, total_steps_of
-    from sharding import placement
+    from sharding import batch_ways, placement
 
     mesh = meshes["main"]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = batch_ways(mesh)
     require_reward(cfg)
     if cfg.prompt_data is None:
         raise ValueError("--prompt_data is required with --pretrain")
@@ -454,7 +454,7 @@ def make_experience_step(cfg, p: Parts, state, batch: Batch, raw, info: dict, ti
     pass with --ref_offload) in the phase ``experience_forward``, the length penalties, the rewards
     (running-normalised with --normalize_reward and no reward model), the advantages."""
     from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize
-    from sharding import placement
+    from sharding import batch_ways, placement
 
     rollout = batch.rollout
     chunk = cfg.micro_rollout_batch_size * p.dp

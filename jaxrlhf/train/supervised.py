@@ -157,7 +157,9 @@ def dry_run(cfg: SupervisedConfig) -> dict:
 
 
 def data_parallel_size(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    from sharding import batch_ways
+
+    return batch_ways(mesh)
 
 
 def load_tokenizer_for(cfg: SupervisedConfig):
