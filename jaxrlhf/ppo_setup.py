@@ -173,7 +173,8 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
                                       betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
         opt = init_optimizer(tx, params, mesh)
         return make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt, mesh=mesh,
-                               compute_dtype=compute_dtype), opt, schedule
+                               compute_dtype=compute_dtype, aux_loss_coef=cfg.aux_loss_coef,
+                               router_z_loss_coef=cfg.router_z_loss_coef), opt, schedule
 
     (actor_def, actor_params), (ref_def, ref_params), (critic_def, critic_params) = actor, ref, critic
     out: dict = {"critic_step": None, "critic_opt": None}
