@@ -132,3 +132,76 @@ def test_hf_flax_hf_bit_exact_and_export_loads_in_transformers(family, saved, tm
     ids, mask = left_padded_batch()
     a, b = torch_forward(hf, ids, mask).logits, torch_forward(back, ids, mask).logits
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainers on the expert mesh
+# ---------------------------------------------------------------------------------------------------------------------
+CHARS = list("0123456789+=")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """A tiny random Mixtral with a character tokenizer, addition data (SFT) and prompts + a verifier (PPO)."""
+    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
+    from tests.test_ppo import REWARD_PY
+
+    root = tmp_path_factory.mktemp("moe_train")
+    save_tiny("mixtral", root / "model", vocab_size=32, max_position_embeddings=64)
+    build_tiny_tokenizer(str(root / "model"), CHARS)
+    rows = [{"input": f"{a}+{b}=", "output": str(a + b)} for a in range(10) for b in range(10)]
+    (root / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(root / "prompts.jsonl", "w") as f:
+        for a, b in [(a, b) for a in range(4) for b in range(4)]:
+            f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    (root / "reward.py").write_text(REWARD_PY)
+    return root
+
+
+def sft_cfg(root, run: str, **kw):
+    from jaxrlhf.sft import SFTConfig
+
+    base = dict(mesh="1x2x2x2", pretrain=str(root / "model"), dataset=str(root / "add.jsonl"), input_key="input",
+                output_key="output", max_len=16, train_batch_size=16, micro_train_batch_size=2, max_epochs=1,
+                max_steps=3, learning_rate=3e-3, lr_warmup_ratio=0.1, save_path=str(root / run),
+                ckpt_path=str(root / run / "ckpt"), seed=3, aux_loss_coef=0.02, router_z_loss_coef=0.001,
+                save_steps=1, max_ckpt_num=5)
+    return SFTConfig(**{**base, **kw})
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_sft_on_the_expert_mesh_equals_expert_1_and_resumes(tiny_moe):
+    from jaxrlhf.sft import main
+
+    full = main(sft_cfg(tiny_moe, "e2"))
+    ref = read_log(full["log"])
+    assert [r["step"] for r in ref] == [1, 2, 3]
+    assert all(1.0 < r["aux_loss"] < 4.0 and r["router_z_loss"] > 0 for r in ref)  # a balanced router gives top_k=2
+    e1 = read_log(main(sft_cfg(tiny_moe, "e1", mesh="1x4x1x2"))["log"])  # same batch split, experts unsplit
+    for a, b in zip(ref, e1):
+        for k in ("loss", "aux_loss", "router_z_loss", "grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
+    # the logged loss is the LM loss + 0.02 aux + 0.001 z, and the aux terms are in the gradient
+    no_aux = read_log(main(sft_cfg(tiny_moe, "noaux", aux_loss_coef=0.0, router_z_loss_coef=0.0, max_steps=1))["log"])
+    lm = ref[0]["loss"] - 0.02 * ref[0]["aux_loss"] - 0.001 * ref[0]["router_z_loss"]
+    assert math.isclose(no_aux[0]["loss"], lm, rel_tol=1e-5), (no_aux[0]["loss"], lm)
+    assert abs(no_aux[0]["grad_norm"] - ref[0]["grad_norm"]) > 1e-4 * ref[0]["grad_norm"]
+    # resume == uninterrupted: crash after step 1 (checkpoints 2 and 3 gone), resume on the expert mesh
+    crashed = tiny_moe / "crashed"
+    shutil.copytree(tiny_moe / "e2" / "ckpt", crashed / "ckpt")
+    for s in (2, 3):
+        shutil.rmtree(crashed / "ckpt" / str(s))
+    out = main(sft_cfg(tiny_moe, "crashed", load_checkpoint=True))
+    resumed = read_log(out["log"])
+    assert [r["step"] for r in resumed] == [2, 3]
+    for a, b in zip(resumed, ref[1:]):
+        for k in ("loss", "aux_loss", "router_z_loss", "grad_norm"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+    for a, b in zip(jax.tree_util.tree_leaves(out["params"]), jax.tree_util.tree_leaves(full["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the export loads in transformers as a Mixtral
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_moe / "e2"))
+    assert type(hf).__name__ == "MixtralForCausalLM"
