@@ -137,14 +137,11 @@ def test_hf_flax_hf_bit_exact_and_export_loads_in_transformers(family, saved, tm
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainers on the expert mesh
 # ---------------------------------------------------------------------------------------------------------------------
-CHARS = list("0123456789+=")
-
-
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
     """A tiny random Mixtral with a character tokenizer, addition data (SFT) and prompts + a verifier (PPO)."""
     from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-    from tests.test_ppo import REWARD_PY
+    from jaxrlhf.demo import CHARS, REWARD_PY
 
     root = tmp_path_factory.mktemp("moe_train")
     save_tiny("mixtral", root / "model", vocab_size=32, max_position_embeddings=64)
@@ -205,3 +202,27 @@ def test_sft_on_the_expert_mesh_equals_expert_1_and_resumes(tiny_moe):
     # the export loads in transformers as a Mixtral
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_moe / "e2"))
     assert type(hf).__name__ == "MixtralForCausalLM"
+
+
+@pytest.mark.slow
+def test_ppo_on_the_expert_mesh_equals_expert_1(tiny_moe):
+    """PPO with a critic (both MoE) on data=1,fsdp=2,expert=2,tensor=2 == on expert=1; the aux loss is logged for
+    actor and critic."""
+    from jaxrlhf.ppo import PPOConfig, main
+
+    def run(mesh):
+        cfg = PPOConfig(pretrain=str(tiny_moe / "model"), prompt_data=str(tiny_moe / "prompts.jsonl"),
+                        input_key="question", label_key="answer", remote_rm_url=str(tiny_moe / "reward.py"),
+                        prompt_max_len=4, generate_max_len=3, rollout_batch_size=8, n_samples_per_prompt=2,
+                        micro_rollout_batch_size=2, train_batch_size=8, micro_train_batch_size=1, max_steps=2,
+                        actor_learning_rate=1e-3, critic_learning_rate=1e-3, init_kl_coef=0.05, seed=7,
+                        mesh=mesh, aux_loss_coef=0.01, save_path=str(tiny_moe / f"ppo{mesh}"),
+                        ckpt_path=str(tiny_moe / f"ppo{mesh}" / "ckpt"))
+        return read_log(main(cfg)["log"])
+
+    e2, e1 = run("data=1,fsdp=2,expert=2,tensor=2"), run("1x4x1x2")
+    assert len(e2) == 2
+    for a, b in zip(e2, e1):
+        for k in ("reward", "actor/loss", "critic/loss", "kl", "actor/aux_loss", "critic/aux_loss"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
+        assert a["actor/aux_loss"] > 1.0
