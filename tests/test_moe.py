@@ -226,3 +226,37 @@ def test_ppo_on_the_expert_mesh_equals_expert_1(tiny_moe):
         for k in ("reward", "actor/loss", "critic/loss", "kl", "actor/aux_loss", "critic/aux_loss"):
             assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
         assert a["actor/aux_loss"] > 1.0
+
+
+BAD = [  # (argv added to a good MoE SFT command line, fragment of the one error line)
+    ("--mesh data=1,fsdp=1,expert=8,tensor=1", "(size 4) cannot be split 8 ways over mesh axis expert"),
+    ("--pretrain {SIGMOID}", "router option scoring_func='sigmoid' is not supported"),
+    ("--pretrain {TOPK}", "num_experts_per_tok 6 exceeds the 4 experts"),
+    ("--lora_rank 4 --target_modules gate", "--target_modules gate: the mixture-of-experts router and experts are not"),
+    ("--lora_rank 4 --target_modules gate_proj,up_proj", "every MLP of this mixtral model is a set of experts"),
+    ("--aux_loss_coef -0.1", "--aux_loss_coef must be >= 0, got -0.1"),
+    ("--mesh 1x2x2x2x1", "mesh '1x2x2x2x1' is not understood"),
+]
+
+
+def test_bad_moe_input_exits_2_with_one_line(tiny_moe, tmp_path):
+    from tests.cli_runner import run_clis_forked
+    from tests.test_bad_input import _verdict
+
+    paths = {}
+    for name, change in (("SIGMOID", {"scoring_func": "sigmoid"}), ("TOPK", {"num_experts_per_tok": 6})):
+        shutil.copytree(tiny_moe / "model", tmp_path / name)
+        hf = json.loads((tmp_path / name / "config.json").read_text())
+        (tmp_path / name / "config.json").write_text(json.dumps({**hf, **change}))
+        paths[name] = str(tmp_path / name)
+    good = (f"--pretrain {tiny_moe / 'model'} --dataset {tiny_moe / 'add.jsonl'} --input_key input --output_key output "
+            "--max_len 16 --train_batch_size 16 --micro_train_batch_size 2 --max_steps 1").split()
+    calls = [{"entry": "jaxrlhf.sft:cli", "argv": good + extra.format(**paths).split() +
+              ["--save_path", str(tmp_path / f"out{i}"), "--ckpt_path", str(tmp_path / f"out{i}" / "ckpt")]}
+             for i, (extra, _) in enumerate(BAD)]
+    (tmp_path / "calls").mkdir()
+    got = run_clis_forked(calls, str(tmp_path / "calls"), preload=("jax", "flax.nnx", "transformers",
+                                                                   "converters.hf", "jaxrlhf.train.run"))
+    for i, ((extra, fragment), (code, out, err)) in enumerate(zip(BAD, got)):
+        assert _verdict(code, out, err, fragment) == "clear", (extra, code, err)
+        assert not (tmp_path / f"out{i}").exists(), extra
