@@ -260,3 +260,24 @@ def test_bad_moe_input_exits_2_with_one_line(tiny_moe, tmp_path):
     for i, ((extra, fragment), (code, out, err)) in enumerate(zip(BAD, got)):
         assert _verdict(code, out, err, fragment) == "clear", (extra, code, err)
         assert not (tmp_path / f"out{i}").exists(), extra
+
+
+def test_plan_counts_experts_and_active_parameters(saved, tmp_path):
+    """Published totals (Mixtral-8x7B 46.7B / 12.9B active, Qwen3-30B-A3B 30.5B / 3.3B active) from the config alone;
+    the per-device count equals what the real sharded tiny model holds on the expert mesh."""
+    from jaxrlhf.plan import hf_config_dir, param_stats
+    from scripts.moe_plans import MIXTRAL_8X7B, QWEN3_30B_A3B
+    from sharding import MeshSpec, parse_mesh
+
+    for hf, total, active in ((MIXTRAL_8X7B, 46_702_792_704, 12_879_925_248),
+                              (QWEN3_30B_A3B, 30_532_122_624, 3_353_032_704)):
+        cfg = ModelConfig.from_dir(hf_config_dir(str(tmp_path / hf["model_type"]), hf))
+        st = param_stats(cfg, "lm", MeshSpec(fsdp=4, expert=2))
+        assert (st.total, st.active) == (total, active)
+        assert cfg.param_counts() == {"total": total, "experts": st.experts, "active": active}
+        assert st.experts_per_device == st.experts // 8
+    path, _ = saved["qwen3_moe"]  # one dense layer, one sparse layer
+    spec = parse_mesh("1x2x2x2")
+    model = from_pretrained(path, mesh=make_mesh(spec))
+    held = sum(x.addressable_shards[0].data.size for x in jax.tree_util.tree_leaves(nnx.to_pure_dict(nnx.state(model))))
+    assert param_stats(model.cfg, "lm", spec).per_device == held

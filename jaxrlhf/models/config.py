@@ -84,8 +84,11 @@ class ModelConfig:
         attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
         sparse = sum(self.moe_layers)
         expert = 3 * d * self.moe_intermediate_size
-        base = v * d * (1 if self.tie_word_embeddings else 2) + L * (attn + 2 * d) + d
-        base += (L - sparse) * 3 * d * f + sparse * d * self.num_experts  # dense MLPs, routers
+        norms = 2 * d + (2 * self.head_dim if self.qk_norm else 0)
+        biases = (self.head_dim * (self.num_heads + 2 * self.num_kv_heads) if self.qkv_bias else 0) + \
+            (d if self.o_bias else 0)
+        base = v * d * (1 if self.tie_word_embeddings else 2) + L * (attn + norms + biases) + d
+        base += (L - sparse) * (3 * d * f + (2 * f + d if self.mlp_bias else 0)) + sparse * d * self.num_experts
         experts = sparse * self.num_experts * expert
         return {"total": base + experts, "experts": experts,
                 "active": base + sparse * self.num_experts_per_tok * expert}
