@@ -538,6 +538,10 @@ def _process_count(cfg) -> int:
         return 1
 
 
+def _dp_words(mesh: MeshSpec) -> str:
+    return "data x fsdp x expert" if mesh.expert > 1 else "data x fsdp"
+
+
 def _host_lines(mesh: MeshSpec, processes: int, flag: str) -> list[str]:
     per = mesh.size // processes
     if mesh.size % processes:
@@ -549,7 +553,7 @@ def _host_lines(mesh: MeshSpec, processes: int, flag: str) -> list[str]:
     expert = f" x expert {mesh.expert}" if mesh.expert > 1 else ""
     line = f"{flag} {mesh}: data {mesh.data} x fsdp {mesh.fsdp}{expert} x tensor {mesh.tensor} = {mesh.size} devices"
     if processes > 1:
-        line += (f" on {processes} hosts x {per}; tensor {mesh.tensor} inside each host, batch split = {dp} "
+        line += (f" on {processes} hosts x {per}; tensor {mesh.tensor} inside each host, {_dp_words(mesh)} = {dp} "
                  f"positions = {dp // processes} per host")
     return [line]
 
@@ -607,7 +611,7 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
                        "these meshes)" if cfg.vllm_num_engines else "in-process JAX sampler on --mesh"),
         f"batch: {cfg.rollout_batch_size} prompts x {cfg.n_samples_per_prompt} samples = {samples} samples per step; "
         f"{cfg.max_epochs} epoch(s) x {samples} / --train_batch_size {cfg.train_batch_size} = {updates} updates per "
-        f"step; dp = data x fsdp x expert = {dp}; an update = {accum} micro-batches of {cfg.micro_train_batch_size} x {dp} = "
+        f"step; dp = {_dp_words(main)} = {dp}; an update = {accum} micro-batches of {cfg.micro_train_batch_size} x {dp} = "
         f"{cfg.micro_train_batch_size * dp} rows; experience forwards: "
         f"{samples // max(1, cfg.micro_rollout_batch_size * dp)} per role of {cfg.micro_rollout_batch_size} x {dp} "
         f"rows; T = {cfg.prompt_max_len} + {cfg.generate_max_len} "

@@ -41,7 +41,8 @@ class RunFlags(DistributedConfig, PlanFlags):  # + multi-host flags (sharding/di
     to change its default."""
 
     # ---- mesh and randomness
-    mesh: str = arg("4x2", "device mesh: FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2) or data=2,fsdp=2,tensor=2")
+    mesh: str = arg("4x2", "device mesh: FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2), DATAxFSDPxEXPERTxTENSOR "
+                              "(1x2x2x2; MoE experts split over expert) or data=1,fsdp=2,expert=2,tensor=2")
     seed: int = arg(42, "seed of every PRNG key and of the data order (shuffling, mixing, sampling, head init)")
     # ---- model and data
     pretrain: Optional[str] = arg(None, "HF model directory or converted checkpoint to start from")
