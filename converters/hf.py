@@ -138,9 +138,10 @@ def _read_stack(src: SafetensorsDir, by_table_name: dict, names: list[str], path
     return np.stack(parts) if len(parts) > 1 else parts[0][None]
 
 
-def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
-    """``[(hf_name, transpose, array)]`` for every HF tensor, in tree order (a stacked MoE parameter ``[E, ...]``
-    gives one entry per expert, ``array[e]``)."""
+def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any, int | None]]:
+    """``[(hf_name, transpose, array, expert)]`` for every HF tensor, in tree order: a stacked MoE parameter
+    ``[E, ...]`` gives one entry per expert ``e`` whose tensor is ``array[e]`` (``_take``: sliced only when used, so
+    the experts are never all copied at once); ``expert`` is None otherwise."""
     from jaxrlhf.models.lora import is_adapter
 
     table = table_for(cfg.model_type)
@@ -152,10 +153,15 @@ def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
     for path, arr in flat:
         name, transpose, stacked = hf_name(table, path)
         if stacked:
-            out += [(n, transpose, arr[e]) for e, n in enumerate(expert_names(name, True, arr.shape[0]))]
+            out += [(n, transpose, arr, e) for e, n in enumerate(expert_names(name, True, arr.shape[0]))]
         else:
-            out.append((name, transpose, arr))
+            out.append((name, transpose, arr, None))
     return out
+
+
+def _take(arr, expert: int | None):
+    """The tensor of an ``_hf_entries`` entry: ``arr``, or expert ``expert``'s slice of a stacked parameter."""
+    return arr if expert is None else arr[expert]
 
 
 def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:
@@ -184,7 +190,8 @@ def hf_entries(params: dict, cfg: ModelConfig, *, dtype=None, gather: bool = Tru
     addressable on this process: a ``jax.Array`` whose shards this process holds, or a NumPy array. Without it,
     arrays keep their global sharding (for engines on the trainer's own devices, the JAX sampler).
     """
-    for name, transpose, arr in _hf_entries(params, cfg):
+    for name, transpose, whole, expert in _hf_entries(params, cfg):
+        arr = _take(whole, expert)
         if dtype is not None and arr.dtype != np.dtype(dtype):
             arr = arr.astype(dtype)  # on the devices (XLA's cast is ~3x NumPy's for bfloat16), dispatched async
         if gather and isinstance(arr, jax.Array) and not arr.is_fully_addressable:
@@ -201,7 +208,8 @@ def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True)
     ``host=True`` gathers each tensor to this host as NumPy; ``host=False`` keeps it a (sharded) device array,
     for engines that live on the same devices (the JAX sampler).
     """
-    for name, transpose, arr in _hf_entries(params, cfg):
+    for name, transpose, whole, expert in _hf_entries(params, cfg):
+        arr = _take(whole, expert)
         if host:
             yield name, _to_host_hf(arr, transpose, dtype)
         else:
@@ -246,16 +254,17 @@ def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None
     from sharding.distributed import agree
 
     entries = _hf_entries(params, cfg)
-    specs = [(name, np.dtype(dtype or arr.dtype), tuple(reversed(arr.shape)) if t else tuple(arr.shape))
-             for name, t, arr in entries]
+    shape = lambda arr, e: tuple(arr.shape[1:] if e is not None else arr.shape)  # noqa: E731
+    specs = [(name, np.dtype(dtype or arr.dtype), tuple(reversed(shape(arr, e))) if t else shape(arr, e))
+             for name, t, arr, e in entries]
     gathered: set[str] = set()
 
     def produce(name: str) -> np.ndarray:
         gathered.add(name)
-        transpose, arr = by_name[name]
-        return _to_host_hf(arr, transpose, dtype)
+        transpose, arr, expert = by_name[name]
+        return _to_host_hf(_take(arr, expert), transpose, dtype)
 
-    by_name = {name: (t, arr) for name, t, arr in entries}
+    by_name = {name: (t, arr, e) for name, t, arr, e in entries}
     error = None
     if jax.process_index() == 0:
         try:
@@ -267,7 +276,7 @@ def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None
         except Exception as e:  # noqa: BLE001 - raised by agree() below, once the other processes are released
             error = e
     if jax.process_count() > 1:
-        for name, _, _ in entries:  # the gathers a failed (or, off process 0, absent) write did not run
+        for name, *_ in entries:  # the gathers a failed (or, off process 0, absent) write did not run
             if name not in gathered:
                 produce(name)
     agree(error)
