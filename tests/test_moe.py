@@ -327,3 +327,19 @@ def test_vllm_greedy_equals_the_jax_sampler_after_a_sync(family, tmp_path):
         mixed = [*hf_entries(params, model.cfg, gather=False),
                  *[e for e in hf_entries(noisy, model.cfg, gather=False) if ".experts." in e[0]]]
         assert vllm_tokens(experts_only) == jax_tokens(mixed)
+
+
+def test_lora_adapts_attention_and_dense_mlps_not_router_or_experts(saved):
+    from jaxrlhf.models.lora import LoraSpec, apply_lora, parse_targets
+
+    path, _ = saved["qwen3_moe"]  # layer 0 dense (mlp_only_layers), layer 1 sparse
+    model = apply_lora(from_pretrained(path), LoraSpec(4, 8.0, parse_targets("all-linear")), seed=0)
+    from sharding import path_str
+
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+    adapted = sorted(path_str(kp).rsplit("/", 1)[0] for kp, _ in flat if path_str(kp).endswith("lora_a"))
+    assert adapted == sorted([f"model/layers/{i}/self_attn/{m}" for i in (0, 1) for m in ("q_proj", "k_proj", "v_proj",
+                                                                                           "o_proj")]
+                             + [f"model/layers/0/mlp/{m}" for m in ("gate_proj", "up_proj", "down_proj")])
+    with pytest.raises(ValueError, match="router and experts are not LoRA targets"):
+        parse_targets("q_proj,gate")
