@@ -5,6 +5,9 @@ input dim over ``fsdp`` and their output dim over ``tensor``; row-parallel ones 
 a layer needs one all-reduce over ``tensor`` after attention and one after the MLP. The embedding splits the vocab
 over ``tensor`` and hidden over ``fsdp``. Norm scales and small biases are replicated on purpose (listed rules,
 not a fallback).
+
+Mixture-of-experts families (Mixtral, Qwen3-MoE) add rules for the stacked experts (``[E, in, out]``: E over the
+``expert`` axis, the matrix like the dense MLP's) and the router, ahead of the Llama-family rules.
 """
 from jax.sharding import PartitionSpec as P
 

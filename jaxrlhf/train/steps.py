@@ -8,6 +8,9 @@ then applies one optimizer update. Loss functions must normalise by counts of th
 Parameters are fp32 master weights; ``compute_dtype=bfloat16`` casts them inside the differentiated function,
 so gradients and optimizer state stay fp32. Parameters and optimizer state are donated.
 
+Mixture-of-experts models: every train step adds the router's auxiliary losses (``--aux_loss_coef``,
+``--router_z_loss_coef``) of the forwards its loss function ran, for every trainer alike (``make_train_step``).
+
 Multi-host: batches are host NumPy values that are the same on every process (the global batch); each process
 places only its own shards (``sharding.distributed.global_array``). Forward outputs are replicated, so every process
 can read them: return per-sample / per-token values from a forward, not logits.
