@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from converters.atomic import replace_dir
 from converters.safetensors_io import INDEX_NAME, SafetensorsDir, parse_size, plan_shards, write_file
-from converters.tables import ARCH_NAMES, IGNORED_HF, hf_name, table_for
+from converters.tables import ARCH_NAMES, IGNORED_HF, expert_names, hf_name, table_for
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.decoder import Decoder
 from sharding import named_shardings, path_str
@@ -88,23 +88,17 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
     bar = tqdm(total=sum(a.size * a.dtype.itemsize for _, a in wanted), unit="B", unit_scale=True,
                desc="load", disable=not progress, file=sys.stderr)
     for path, a in wanted:
-        name, transpose = hf_name(table, path)
-        if name not in by_table_name:
+        name, transpose, stacked = hf_name(table, path)
+        if name not in by_table_name and not stacked:
             if path == "score/kernel" and init_missing_score is not None:
                 std = 1.0 / (cfg.hidden_size + 1)
                 out[path] = jax.device_put(
                     (std * jax.random.normal(init_missing_score, a.shape, jnp.float32)).astype(a.dtype), a.sharding)
                 continue
-            raise ValueError(f"{src.path}: tensor {name!r} (for {path}) is missing from the checkpoint")
-        file_name = by_table_name[name]
-        used.add(file_name)
-        host = src.read(file_name)
-        if transpose:
-            host = host.T
-        if tuple(host.shape) != tuple(a.shape):
-            hf_shape = tuple(reversed(a.shape)) if transpose else tuple(a.shape)
-            raise ValueError(f"{src.path}: tensor {file_name!r} has shape {src.tensors[file_name].shape}, "
-                             f"the config implies {hf_shape}")
+        host = _read_stack(src, by_table_name, expert_names(name, stacked, a.shape[0] if stacked else 1), path,
+                           transpose, tuple(a.shape[1:]) if stacked else tuple(a.shape), used)
+        if not stacked:
+            host = host[0]
         out[path] = jax.make_array_from_callback(a.shape, a.sharding,
                                                  lambda idx, h=host, dt=a.dtype: np.asarray(h[idx], dtype=dt))
         bar.update(a.size * a.dtype.itemsize)
@@ -124,8 +118,30 @@ def load_hf_params(src: SafetensorsDir, cfg: ModelConfig, abstract: dict, *, val
     return _unflatten(out, abstract)
 
 
-def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
-    """``[(hf_name, transpose, array)]`` for every parameter, in tree order."""
+def _read_stack(src: SafetensorsDir, by_table_name: dict, names: list[str], path: str, transpose: bool,
+                shape: tuple, used: set) -> np.ndarray:
+    """The tensors ``names`` read (each transposed when ``transpose``), checked against ``shape`` and stacked
+    ``[len(names), *shape]`` (a stacked MoE parameter: one tensor per expert)."""
+    parts = []
+    for name in names:
+        if name not in by_table_name:
+            raise ValueError(f"{src.path}: tensor {name!r} (for {path}) is missing from the checkpoint")
+        file_name = by_table_name[name]
+        used.add(file_name)
+        host = src.read(file_name)
+        host = host.T if transpose else host
+        if tuple(host.shape) != shape:
+            hf_shape = tuple(reversed(shape)) if transpose else shape
+            raise ValueError(f"{src.path}: tensor {file_name!r} has shape {src.tensors[file_name].shape}, "
+                             f"the config implies {hf_shape}")
+        parts.append(host)
+    return np.stack(parts) if len(parts) > 1 else parts[0][None]
+
+
+def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any, int | None]]:
+    """``[(hf_name, transpose, array, expert)]`` for every HF tensor, in tree order: a stacked MoE parameter
+    ``[E, ...]`` gives one entry per expert ``e`` whose tensor is ``array[e]`` (``_take``: sliced only when used, so
+    the experts are never all copied at once); ``expert`` is None otherwise."""
     from jaxrlhf.models.lora import is_adapter
 
     table = table_for(cfg.model_type)
@@ -133,7 +149,19 @@ def _hf_entries(params: dict, cfg: ModelConfig) -> list[tuple[str, bool, Any]]:
     if any(is_adapter(path) for path, _ in flat):
         raise ValueError("the parameters hold LoRA adapters: merge them first (jaxrlhf.models.lora.merge) for a plain "
                          "HF model, or write them as a PEFT adapter (converters.peft.save_adapter)")
-    return [(*hf_name(table, path), arr) for path, arr in flat]
+    out = []
+    for path, arr in flat:
+        name, transpose, stacked = hf_name(table, path)
+        if stacked:
+            out += [(n, transpose, arr, e) for e, n in enumerate(expert_names(name, True, arr.shape[0]))]
+        else:
+            out.append((name, transpose, arr, None))
+    return out
+
+
+def _take(arr, expert: int | None):
+    """The tensor of an ``_hf_entries`` entry: ``arr``, or expert ``expert``'s slice of a stacked parameter."""
+    return arr if expert is None else arr[expert]
 
 
 def _to_host_hf(arr, transpose: bool, dtype=None) -> np.ndarray:
@@ -162,7 +190,8 @@ def hf_entries(params: dict, cfg: ModelConfig, *, dtype=None, gather: bool = Tru
     addressable on this process: a ``jax.Array`` whose shards this process holds, or a NumPy array. Without it,
     arrays keep their global sharding (for engines on the trainer's own devices, the JAX sampler).
     """
-    for name, transpose, arr in _hf_entries(params, cfg):
+    for name, transpose, whole, expert in _hf_entries(params, cfg):
+        arr = _take(whole, expert)
         if dtype is not None and arr.dtype != np.dtype(dtype):
             arr = arr.astype(dtype)  # on the devices (XLA's cast is ~3x NumPy's for bfloat16), dispatched async
         if gather and isinstance(arr, jax.Array) and not arr.is_fully_addressable:
@@ -179,7 +208,8 @@ def hf_tensors(params: dict, cfg: ModelConfig, *, dtype=None, host: bool = True)
     ``host=True`` gathers each tensor to this host as NumPy; ``host=False`` keeps it a (sharded) device array,
     for engines that live on the same devices (the JAX sampler).
     """
-    for name, transpose, arr in _hf_entries(params, cfg):
+    for name, transpose, whole, expert in _hf_entries(params, cfg):
+        arr = _take(whole, expert)
         if host:
             yield name, _to_host_hf(arr, transpose, dtype)
         else:
@@ -224,16 +254,17 @@ def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None
     from sharding.distributed import agree
 
     entries = _hf_entries(params, cfg)
-    specs = [(name, np.dtype(dtype or arr.dtype), tuple(reversed(arr.shape)) if t else tuple(arr.shape))
-             for name, t, arr in entries]
+    shape = lambda arr, e: tuple(arr.shape[1:] if e is not None else arr.shape)  # noqa: E731
+    specs = [(name, np.dtype(dtype or arr.dtype), tuple(reversed(shape(arr, e))) if t else shape(arr, e))
+             for name, t, arr, e in entries]
     gathered: set[str] = set()
 
     def produce(name: str) -> np.ndarray:
         gathered.add(name)
-        transpose, arr = by_name[name]
-        return _to_host_hf(arr, transpose, dtype)
+        transpose, arr, expert = by_name[name]
+        return _to_host_hf(_take(arr, expert), transpose, dtype)
 
-    by_name = {name: (t, arr) for name, t, arr in entries}
+    by_name = {name: (t, arr, e) for name, t, arr, e in entries}
     error = None
     if jax.process_index() == 0:
         try:
@@ -245,7 +276,7 @@ def export_hf(params: dict, cfg: ModelConfig, dst: str, *, head: str, dtype=None
         except Exception as e:  # noqa: BLE001 - raised by agree() below, once the other processes are released
             error = e
     if jax.process_count() > 1:
-        for name, _, _ in entries:  # the gathers a failed (or, off process 0, absent) write did not run
+        for name, *_ in entries:  # the gathers a failed (or, off process 0, absent) write did not run
             if name not in gathered:
                 produce(name)
     agree(error)

@@ -43,7 +43,7 @@ def save_adapter(params: dict, cfg: ModelConfig, spec: LoraSpec, dst: str, *, ba
     host = {}
     for path, arr in flat_params(params):
         if is_adapter(path):
-            name, transpose = hf_name(table, path)
+            name, transpose, _ = hf_name(table, path)
             host[PEFT_PREFIX + name] = _to_host_hf(arr, transpose, np.float32)
     if not host:
         raise ValueError("no LoRA adapters in the parameters: train with --lora_rank or load --lora_path")

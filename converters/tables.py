@@ -2,7 +2,10 @@
 
 Each row maps an HF tensor-name template to a Flax parameter-path template; ``{i}``-style fields match one name
 component and carry over. ``transpose`` says the 2-D layouts differ (HF Linear ``[out, in]``, Flax kernel
-``[in, out]``). Import, export and the rollout weight sync all go through :func:`hf_name` / :func:`flax_path`.
+``[in, out]``). A ``stacked`` row (mixture-of-experts weights) has an ``{e}`` field in its HF name only: the Flax
+parameter ``[E, ...]`` is the stack over ``e = 0..E-1`` of the HF tensors (each transposed when ``transpose``), so
+one row serves hub checkpoints' per-expert tensors (also what transformers' ``save_pretrained`` writes and vLLM's
+MoE loaders read). Import, export and the rollout weight sync all go through :func:`hf_name` / :func:`flax_path`.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ class TensorMap:
     hf: str
     flax: str
     transpose: bool
+    stacked: bool = False  # HF has one tensor per expert ({e} in hf); Flax one [E, ...] parameter
 
 
 LLAMA_FAMILY: tuple[TensorMap, ...] = (
@@ -36,13 +40,32 @@ LLAMA_FAMILY: tuple[TensorMap, ...] = (
     TensorMap("model.layers.{i}.{g}.{p}_proj.lora_B.weight", "model/layers/{i}/{g}/{p}_proj/lora_b", True),
 )
 
+# Mixture-of-experts layers: the router (``gate``, [E, D] in HF) and E stacked SwiGLU experts. Mixtral's hub names
+# w1 / w3 / w2 are gate / up / down.
+MIXTRAL: tuple[TensorMap, ...] = (
+    TensorMap("model.layers.{i}.block_sparse_moe.gate.weight", "model/layers/{i}/mlp/gate/kernel", True),
+    TensorMap("model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", "model/layers/{i}/mlp/experts/gate_proj",
+              True, stacked=True),
+    TensorMap("model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", "model/layers/{i}/mlp/experts/up_proj",
+              True, stacked=True),
+    TensorMap("model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", "model/layers/{i}/mlp/experts/down_proj",
+              True, stacked=True),
+) + LLAMA_FAMILY
+QWEN3_MOE: tuple[TensorMap, ...] = (
+    TensorMap("model.layers.{i}.mlp.gate.weight", "model/layers/{i}/mlp/gate/kernel", True),
+    TensorMap("model.layers.{i}.mlp.experts.{e}.{p}_proj.weight", "model/layers/{i}/mlp/experts/{p}_proj", True,
+              stacked=True),
+) + LLAMA_FAMILY  # + the dense MLP of layers in mlp_only_layers / off decoder_sparse_step
+
 # PEFT's tensor names are the base model's module path under this prefix (adapter_model.safetensors).
 PEFT_PREFIX = "base_model.model."
 
-TABLES: dict[str, tuple[TensorMap, ...]] = {t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")}
+TABLES: dict[str, tuple[TensorMap, ...]] = {**{t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")},
+                                            "mixtral": MIXTRAL, "qwen3_moe": QWEN3_MOE}
 
 # HF class-name stem per model_type, for the exported config's "architectures".
-ARCH_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+ARCH_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+              "qwen3_moe": "Qwen3Moe"}
 
 # Non-parameter buffers some older checkpoints carry; skipped on import.
 IGNORED_HF = (re.compile(r"rotary_emb\.inv_freq$"),)
@@ -72,19 +95,28 @@ def table_for(model_type: str) -> tuple[TensorMap, ...]:
     return TABLES[model_type]
 
 
-def flax_path(table, hf: str) -> tuple[str, bool] | None:
-    """HF tensor name -> (Flax path, transpose), or None when no row matches."""
+def flax_path(table, hf: str) -> tuple[str, bool, int | None] | None:
+    """HF tensor name -> (Flax path, transpose, expert index: the slice of a stacked parameter, else None), or None
+    when no row matches."""
     for hf_re, _, row in _rows(table):
         m = hf_re.fullmatch(hf)
-        if m:
-            return row.flax.format(**m.groupdict()), row.transpose
+        if m and (not row.stacked or m.group("e").isdigit()):
+            fields = m.groupdict()
+            expert = int(fields.pop("e")) if row.stacked else None
+            return row.flax.format(**fields), row.transpose, expert
     return None
 
 
-def hf_name(table, path: str) -> tuple[str, bool]:
-    """Flax path -> (HF tensor name, transpose); a path no row maps is an error."""
+def hf_name(table, path: str) -> tuple[str, bool, bool]:
+    """Flax path -> (HF tensor name, transpose, stacked); a path no row maps is an error. For a ``stacked`` row the
+    name keeps its ``{e}`` field: ``name.format(e=j)`` names expert ``j``'s tensor (see :func:`expert_names`)."""
     for _, fx_re, row in _rows(table):
         m = fx_re.fullmatch(path)
         if m:
-            return row.hf.format(**m.groupdict()), row.transpose
+            return row.hf.format(**m.groupdict(), **({"e": "{e}"} if row.stacked else {})), row.transpose, row.stacked
     raise ValueError(f"Flax parameter {path!r} has no HF name in the converter table: add a row to converters/tables.py")
+
+
+def expert_names(name: str, stacked: bool, num: int) -> list[str]:
+    """The HF tensor names behind one Flax parameter: ``[name]``, or expert ``0..num-1``'s for a stacked one."""
+    return [name.format(e=j) for j in range(num)] if stacked else [name]

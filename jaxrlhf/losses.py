@@ -29,6 +29,8 @@ Semantics follow OpenRLHF (``openrlhf/models/loss.py``, ``openrlhf/models/utils.
 - ``kto_loss``               == ``KTOLoss`` (uneven sampling; per sample, not averaged).
 - ``pairwise_rm_loss``       == ``PairWiseLoss`` ("sigmoid") / ``LogExpLoss`` ("logexp"), per pair.
 - ``adaptive_kl_coef``       == ``AdaptiveKLController.update``.
+- ``load_balancing_loss``    == transformers' ``load_balancing_loss_func`` (Mixtral / Qwen3-MoE aux loss, with the
+  attention mask); ``router_z_loss`` == ST-MoE's router z-loss (Zoph et al. 2022).
 
 Losses are returned per token / per sample; the caller aggregates (``token_mean_over_batch`` for the PPO
 family, a plain or masked mean for the pairwise losses), so that micro-batching and padding never change
@@ -625,3 +627,44 @@ def pairwise_rm_loss(
             )
         return jax.nn.softplus(r - c)
     raise ValueError(f"pairwise_rm_loss: unknown kind {kind!r}; use 'sigmoid' or 'logexp'.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Mixture-of-experts auxiliary losses (router logits: ``_lbte`` = [L_moe, B, T, E], one slice per sparse layer)
+# ---------------------------------------------------------------------------------------------------------------------
+def load_balancing_loss(router_logits_lbte: Array, mask_bt: Array, top_k: int) -> Array:
+    """Switch-Transformer load-balancing loss over all sparse layers, as transformers' ``load_balancing_loss_func``.
+
+    With ``p = softmax(logits)`` per token and layer, ``sel_e = [e in top_k(p)]`` and the real tokens ``m`` (mask),
+    counted over every layer ``l`` and token ``n`` together (``M = L sum_n m_n``)::
+
+        f_e = sum_{l,n} m_n sel_{l,n,e} / M        (assignments routed to e; sums to top_k)
+        P_e = sum_{l,n} m_n p_{l,n,e} / M          (router probability of e)
+        loss = E * sum_e f_e P_e
+
+    A uniform router gives ``top_k``; collapse onto k experts gives ``E`` (for k = 1).
+    """
+    L, _, _, E = router_logits_lbte.shape
+    p = jax.nn.softmax(router_logits_lbte.astype(jnp.float32), axis=-1)
+    _, idx = jax.lax.top_k(p, top_k)
+    sel = jax.nn.one_hot(idx, E, dtype=jnp.float32).sum(-2)  # [L, B, T, E]
+    m = mask_bt.astype(jnp.float32)[None, :, :, None]
+    total = L * jnp.maximum(jnp.sum(mask_bt.astype(jnp.float32)), 1.0)
+    f_e = jnp.sum(sel * m, axis=(0, 1, 2)) / total
+    p_e = jnp.sum(p * m, axis=(0, 1, 2)) / total
+    return E * jnp.sum(f_e * p_e)
+
+
+def router_z_loss(router_logits_lbte: Array, mask_bt: Array) -> Array:
+    """ST-MoE router z-loss: ``mean_{l, real n} (logsumexp_e logits_{l,n,e})^2`` (keeps router logits small)."""
+    z = jax.nn.logsumexp(router_logits_lbte.astype(jnp.float32), axis=-1) ** 2  # [L, B, T]
+    m = jnp.broadcast_to(mask_bt.astype(jnp.float32)[None], z.shape)
+    return masked_mean(z, m)
+
+
+def moe_aux_losses(entries, *, top_k: int, aux_loss_coef: float, z_loss_coef: float) -> Tuple[Array, dict]:
+    """``coef_aux * load_balancing_loss + coef_z * router_z_loss``, averaged over the forwards in ``entries``
+    (``[(router_logits_lbte, mask_bt)]``, one per forward a loss function ran), and the two losses as metrics."""
+    aux = sum(load_balancing_loss(lg, m, top_k) for lg, m in entries) / len(entries)
+    z = sum(router_z_loss(lg, m) for lg, m in entries) / len(entries)
+    return aux_loss_coef * aux + z_loss_coef * z, {"aux_loss": aux, "router_z_loss": z}

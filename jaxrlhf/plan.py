@@ -37,6 +37,11 @@ rank (``--micro_train_batch_size`` / ``--micro_rollout_batch_size``); ``T`` toke
                QLoRA (``--load_in_4bit``): the layers' linear kernels are NF4 codes (0.5 byte per element) and
                fp32 block-64 absmax scales, placed by their partition rules (~0.56 byte per element).
 - weight sync  (vLLM pool) every tensor is all-gathered before it is sent: the largest one, fp32, on every device.
+- MoE          (Mixtral, Qwen3-MoE) expert stacks ``[X, D, F']`` split over expert x fsdp x tensor; a sparse layer's
+               activations per token are ``4D + attention + 4kF'/t + 2kD + X`` (``k`` of ``X`` experts of width
+               ``F'``: their gate/up/silu/product, the gathered inputs and outputs, router logits); the FSDP
+               all-gather of a layer keeps its experts split over ``expert``; the sync sends one expert at a time.
+               The plan prints the expert and the active-per-token parameter counts.
 
 Phases (what is on a device at once): resident = params (+ optimizer) of every role on the device that is not
 offloaded (+ the sampler's copy); then ``generate`` (+ KV cache), ``experience`` (+ offloaded roles brought back, +
@@ -84,11 +89,12 @@ class PlanFlags:
 
 
 @functools.lru_cache(maxsize=32)
-def _one_layer_table(model: ModelConfig, head: str) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]:
+def _one_layer_table(model: ModelConfig, head: str,
+                     sparse: bool = False) -> tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]:
     """(non-layer entries, layer-0 entries) of the Decoder's parameter tree, as (path, shape), from a 1-layer twin.
 
     Every layer of the Llama family has the same parameter shapes, so one layer (``nnx.eval_shape``: nothing is
-    allocated) stands for all ``L``.
+    allocated) stands for all ``L``; an MoE model has two kinds of layer, ``sparse`` (router + experts) or dense.
     """
     import jax
     import jax.numpy as jnp
@@ -97,7 +103,8 @@ def _one_layer_table(model: ModelConfig, head: str) -> tuple[tuple[tuple[str, tu
     from jaxrlhf.models.decoder import Decoder
     from sharding.rules import path_str
 
-    one = dataclasses.replace(model, num_layers=1, sliding_windows=model.sliding_windows[:1])
+    one = dataclasses.replace(model, num_layers=1, sliding_windows=model.sliding_windows[:1],
+                              moe_layers=(sparse,) if model.moe_layers else ())
     abstract = nnx.split(nnx.eval_shape(lambda: Decoder(one, head=head, dtype=jnp.float32, rngs=nnx.Rngs(0))))[1]
     flat = [(path_str(k), tuple(v.shape)) for k, v in
             jax.tree_util.tree_flatten_with_path(abstract.to_pure_dict())[0]]
@@ -119,6 +126,10 @@ class ParamStats:
     score_per_device: int = 0  # the score head's elements one device holds (trained with LoRA too)
     linears_per_device: int = 0  # elements of the decoder layers' linear kernels one device holds
     nf4_bytes_per_device: int = 0  # ... as NF4 (QLoRA): codes [in/2, out] uint8 + absmax [in/64, out] fp32
+    experts: int = 0  # mixture of experts: routed expert elements, all experts of all sparse layers, unsharded
+    experts_per_device: int = 0  # ... one device holds (split over expert x fsdp x tensor)
+    active: int = 0  # elements one token's forward uses (all but the experts it is not routed to)
+    layer_gathered: int = 0  # one layer after its FSDP all-gather, x tensor (experts stay split over `expert`)
 
 
 def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "--mesh", lora_rank: int = 0,
@@ -131,8 +142,12 @@ def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "-
     from sharding.tables import RULES_BY_MODEL_TYPE
 
     rules = RULES_BY_MODEL_TYPE[model.model_type]
-    axes = SimpleNamespace(shape={"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor})
-    outer, layer = _one_layer_table(model, head)
+    axes = SimpleNamespace(shape={"data": mesh.data, "fsdp": mesh.fsdp, "expert": mesh.expert, "tensor": mesh.tensor})
+    n_sparse = sum(model.moe_layers)
+    kinds = [(n, _one_layer_table(model, head, sparse)[1]) for n, sparse in
+             ((model.num_layers - n_sparse, False), (n_sparse, True)) if n]
+    outer = _one_layer_table(model, head, bool(n_sparse) and n_sparse == model.num_layers)[0]
+    layer = max((entries for _, entries in kinds), key=lambda e: sum(math.prod(s) for _, s in e))
 
     def per_device(entries) -> int:
         tree = {p: SimpleNamespace(shape=s) for p, s in entries}
@@ -147,25 +162,38 @@ def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "-
         return n
 
     size = lambda entries: sum(math.prod(s) for _, s in entries)  # noqa: E731
+    layers = lambda fn: sum(n * fn(entries) for n, entries in kinds)  # noqa: E731  summed over the layer kinds
+    is_expert = lambda p: "/mlp/experts/" in p  # noqa: E731
+    experts = layers(lambda e: size([x for x in e if is_expert(x[0])]))
+    gathered = max(size([x for x in e if not is_expert(x[0])]) + size([x for x in e if is_expert(x[0])]) // mesh.expert
+                   for _, e in kinds)
     heads = [s for p, s in outer if p in ("lm_head/kernel", "score/kernel")]
     if head == "lm" and model.tie_word_embeddings:
         heads = [s for p, s in outer if p.endswith("embed_tokens/embedding")]
-    adapters = [] if not lora_rank else [
-        entry for p, s in layer if p.endswith("/kernel") and p.split("/")[-2] in lora_targets
-        for entry in ((p[:-len("kernel")] + "lora_a", (s[0], lora_rank)),
-                      (p[:-len("kernel")] + "lora_b", (lora_rank, s[1])))]
-    linears = [(p, s) for p, s in layer if p.endswith("_proj/kernel")]
-    nf4_codes = [(p + "_nf4", (s[0] // 2, s[1])) for p, s in linears]  # models/nf4.py, BLOCK = 64
-    nf4_scales = [(p + "_absmax", (max(1, s[0] // 64), s[1])) for p, s in linears]
-    return ParamStats(total=size(outer) + model.num_layers * size(layer),
-                      per_device=per_device(outer) + model.num_layers * per_device(layer),
-                      layer=size(layer), head=math.prod(heads[0]) if heads else 0,
-                      largest=max(math.prod(s) for _, s in outer + layer),
-                      adapters=model.num_layers * size(adapters),
-                      adapters_per_device=model.num_layers * per_device(adapters) if adapters else 0,
+    def adapters(entries):
+        return [] if not lora_rank else [
+            entry for p, s in entries if p.endswith("/kernel") and p.split("/")[-2] in lora_targets
+            for entry in ((p[:-len("kernel")] + "lora_a", (s[0], lora_rank)),
+                          (p[:-len("kernel")] + "lora_b", (lora_rank, s[1])))]
+
+    linears = lambda entries: [(p, s) for p, s in entries if p.endswith("_proj/kernel")]  # noqa: E731
+    nf4_codes = lambda e: [(p + "_nf4", (s[0] // 2, s[1])) for p, s in linears(e)]  # noqa: E731  models/nf4.py
+    nf4_scales = lambda e: [(p + "_absmax", (max(1, s[0] // 64), s[1])) for p, s in linears(e)]  # noqa: E731
+    total = size(outer) + layers(size)
+    largest = max(math.prod(s) for _, s in outer + tuple(x for _, e in kinds for x in e))
+    if experts:  # a stacked [E, ...] parameter is synced and exported one expert at a time
+        largest = max([math.prod(s) for p, s in outer + tuple(x for _, e in kinds for x in e) if not is_expert(p)]
+                      + [math.prod(s[1:]) for _, e in kinds for p, s in e if is_expert(p)])
+    k_over_e = model.num_experts_per_tok / model.num_experts if experts else 0.0
+    return ParamStats(total=total, per_device=per_device(outer) + layers(per_device),
+                      layer=size(layer), head=math.prod(heads[0]) if heads else 0, largest=largest,
+                      adapters=layers(lambda e: size(adapters(e))),
+                      adapters_per_device=layers(lambda e: per_device(adapters(e)) if adapters(e) else 0),
                       score_per_device=per_device([(p, s) for p, s in outer if p == "score/kernel"]),
-                      linears_per_device=model.num_layers * per_device(linears),
-                      nf4_bytes_per_device=model.num_layers * (per_device(nf4_codes) + 4 * per_device(nf4_scales)))
+                      linears_per_device=layers(lambda e: per_device(linears(e))),
+                      nf4_bytes_per_device=layers(lambda e: per_device(nf4_codes(e)) + 4 * per_device(nf4_scales(e))),
+                      experts=experts, experts_per_device=layers(lambda e: per_device([x for x in e if is_expert(x[0])])),
+                      active=total - experts + round(experts * k_over_e), layer_gathered=gathered)
 
 
 def _axis_size(axes, sizes: dict) -> int:
@@ -226,6 +254,11 @@ def _activations(m: ModelConfig, t: int, rows: int, seq: int, c: int, head: str,
     D, F, H, K, E, V, L = (m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim,
                            m.vocab_size, m.num_layers)
     a = 4 * D + (2 * H * E + 2 * K * E) // t + 4 * F // t  # elements per layer and token
+    if m.is_moe:  # a sparse layer: k experts' gate/up/silu/product + the k gathered inputs and outputs + router
+        k = m.num_experts_per_tok
+        a = max(a if not all(m.moe_layers) else 0,
+                4 * D + (2 * H * E + 2 * K * E) // t + 4 * k * m.moe_intermediate_size // t + 2 * k * D
+                + m.num_experts)
     s = (H // t) * seq * (4 + c)  # bytes of attention scores + probabilities per layer and token
     tokens = rows * seq
     if not train:
@@ -248,10 +281,10 @@ def role_memory(role: Role) -> RoleMemory:
     if role.load_in_4bit:  # NF4 kernels: codes + block scales, dequantized one layer at a time (in "gathered")
         stored = (N - st.linears_per_device) * p + st.nf4_bytes_per_device
         cast = (N - st.linears_per_device) * c if c < p else 0
-    gathered = (2 * st.layer + st.head) // t * c
+    gathered = (2 * st.layer_gathered + st.head) // t * c
     # LoRA: optimizer state and gradients for the adapters (fp32) and a score head only; no layer gradient in flight
     trained_n = st.adapters_per_device + st.score_per_device if role.lora_rank else N
-    layer_grad = 0 if role.lora_rank else st.layer // t * 4
+    layer_grad = 0 if role.lora_rank else st.layer_gathered // t * 4
     return RoleMemory(
         role=role, stats=st, params=stored + st.adapters_per_device * 4, optimizer=trained_n * 8 if role.trained else 0,
         grads=trained_n * 4 * 2 if role.trained else 0,
@@ -344,7 +377,7 @@ def _phases(here: list[RoleMemory], sampler: Optional[SamplerSpec], vllm_sync: b
 def sampler_cache(actor: RoleMemory, s: SamplerSpec) -> int:
     """KV cache + prefill logits and scores of the JAX sampler per device (module docstring)."""
     m, mesh = actor.role.model, actor.role.mesh
-    t, dp = mesh.tensor, mesh.data * mesh.fsdp
+    t, dp = mesh.tensor, mesh.batch_ways
     rows = -(-s.rows // dp)
     k = m.num_kv_heads // t if m.num_kv_heads % t == 0 else m.num_kv_heads
     kv = m.num_layers * 2 * rows * s.seq_len * k * m.head_dim * 4
@@ -363,6 +396,14 @@ def gib(n: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     out = list(plan.lines)
+    for m in plan.roles:
+        st, mesh = m.stats, m.role.mesh
+        if st.experts:
+            out.append(f"{m.role.name}: mixture of experts, {st.total:,} parameters = {st.experts:,} in experts + "
+                       f"{st.total - st.experts:,} others; {st.active:,} active per token "
+                       f"({m.role.model.num_experts_per_tok} of {m.role.model.num_experts} experts); experts split "
+                       f"{mesh.expert * mesh.fsdp * mesh.tensor} ways (expert {mesh.expert} x fsdp {mesh.fsdp} x "
+                       f"tensor {mesh.tensor}): {st.experts_per_device:,} expert parameters per device")
     out.append("")
     out.append("memory per device (GiB):")
     out.append(f"  {'role':<8} {'mesh':<10} {'devices':<9} {'dtype':<6} {'params':>8} {'grads':>8} {'optim':>8} "
@@ -497,6 +538,10 @@ def _process_count(cfg) -> int:
         return 1
 
 
+def _dp_words(mesh: MeshSpec) -> str:
+    return "data x fsdp x expert" if mesh.expert > 1 else "data x fsdp"
+
+
 def _host_lines(mesh: MeshSpec, processes: int, flag: str) -> list[str]:
     per = mesh.size // processes
     if mesh.size % processes:
@@ -504,10 +549,11 @@ def _host_lines(mesh: MeshSpec, processes: int, flag: str) -> list[str]:
     if processes > 1 and (per % mesh.tensor):
         raise ValueError(f"{flag} {mesh}: the tensor axis ({mesh.tensor}) must stay inside a host ({per} devices "
                          f"per host): use a tensor size that divides {per}")
-    dp = mesh.data * mesh.fsdp
-    line = f"{flag} {mesh}: data {mesh.data} x fsdp {mesh.fsdp} x tensor {mesh.tensor} = {mesh.size} devices"
+    dp = mesh.batch_ways
+    expert = f" x expert {mesh.expert}" if mesh.expert > 1 else ""
+    line = f"{flag} {mesh}: data {mesh.data} x fsdp {mesh.fsdp}{expert} x tensor {mesh.tensor} = {mesh.size} devices"
     if processes > 1:
-        line += (f" on {processes} hosts x {per}; tensor {mesh.tensor} inside each host, data x fsdp = {dp} "
+        line += (f" on {processes} hosts x {per}; tensor {mesh.tensor} inside each host, {_dp_words(mesh)} = {dp} "
                  f"positions = {dp // processes} per host")
     return [line]
 
@@ -524,7 +570,7 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
     main = place["main"].spec
     c = 2 if cfg.bf16 else 4
     T = cfg.prompt_max_len + cfg.generate_max_len
-    dp = main.data * main.fsdp
+    dp = main.batch_ways
     samples = cfg.rollout_batch_size * cfg.n_samples_per_prompt
     lines = _host_lines(main, processes, "--mesh")
     for name in ("ref", "reward"):
@@ -565,7 +611,7 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
                        "these meshes)" if cfg.vllm_num_engines else "in-process JAX sampler on --mesh"),
         f"batch: {cfg.rollout_batch_size} prompts x {cfg.n_samples_per_prompt} samples = {samples} samples per step; "
         f"{cfg.max_epochs} epoch(s) x {samples} / --train_batch_size {cfg.train_batch_size} = {updates} updates per "
-        f"step; dp = data x fsdp = {dp}; an update = {accum} micro-batches of {cfg.micro_train_batch_size} x {dp} = "
+        f"step; dp = {_dp_words(main)} = {dp}; an update = {accum} micro-batches of {cfg.micro_train_batch_size} x {dp} = "
         f"{cfg.micro_train_batch_size * dp} rows; experience forwards: "
         f"{samples // max(1, cfg.micro_rollout_batch_size * dp)} per role of {cfg.micro_rollout_batch_size} x {dp} "
         f"rows; T = {cfg.prompt_max_len} + {cfg.generate_max_len} "
@@ -605,7 +651,7 @@ def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, 
     spec = parse_mesh(mesh)
     c = 2 if bf16 else 4
     lines = _host_lines(spec, processes, "--mesh")
-    dp = spec.data * spec.fsdp
+    dp = spec.batch_ways
     if train_batch_size:
         lines.append(f"batch: --train_batch_size {train_batch_size} rows = "
                      f"{train_batch_size // max(1, micro_train_batch_size * dp)} micro-batches of "

@@ -240,12 +240,13 @@ def main(cfg: PPOConfig) -> dict:
     from jaxrlhf.train.metrics import PhaseTimer, plot_metrics
     from jaxrlhf.train.ppo_step import ppo_update
     from jaxrlhf.train.run import stop_if_not_finite
+    from sharding import batch_ways
 
     if cfg.pretrain is None:
         from jaxrlhf import demo
 
         cfg = demo.prepare(cfg, meshes["main"])
-    check_batch_arithmetic(cfg, meshes["main"].shape["data"] * meshes["main"].shape["fsdp"])
+    check_batch_arithmetic(cfg, batch_ways(meshes["main"]))
     with contextlib.ExitStack() as run:
         p = build(cfg, meshes, run)  # data, models, jitted steps, engine, checkpointer, logger; resumed state
         state, metrics, timer = p.state, {}, PhaseTimer()

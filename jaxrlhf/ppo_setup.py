@@ -72,10 +72,10 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     from jaxrlhf.rollout.setup import load_prompts
     from jaxrlhf.train.ppo_step import PPOState
     from jaxrlhf.train.run import prepare_outputs, total_steps_of
-    from sharding import placement
+    from sharding import batch_ways, placement
 
     mesh = meshes["main"]
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = batch_ways(mesh)
     require_reward(cfg)
     if cfg.prompt_data is None:
         raise ValueError("--prompt_data is required with --pretrain")
@@ -156,7 +156,8 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
                                       betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
         opt = init_optimizer(tx, params, mesh)
         return make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt, mesh=mesh,
-                               compute_dtype=compute_dtype), opt, schedule
+                               compute_dtype=compute_dtype, aux_loss_coef=cfg.aux_loss_coef,
+                               router_z_loss_coef=cfg.router_z_loss_coef), opt, schedule
 
     (actor_def, actor_params), (ref_def, ref_params), (critic_def, critic_params) = actor, ref, critic
     out: dict = {"critic_step": None, "critic_opt": None}
@@ -437,7 +438,7 @@ def make_experience_step(cfg, p: Parts, state, batch: Batch, raw, info: dict, ti
     pass with --ref_offload) in the phase ``experience_forward``, the length penalties, the rewards
     (running-normalised with --normalize_reward and no reward model), the advantages."""
     from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize
-    from sharding import placement
+    from sharding import batch_ways, placement
 
     rollout = batch.rollout
     chunk = cfg.micro_rollout_batch_size * p.dp

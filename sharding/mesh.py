@@ -1,9 +1,11 @@
-"""Parse `--mesh` strings and build the (data, fsdp, tensor) device mesh.
+"""Parse `--mesh` strings and build the (data, fsdp, expert, tensor) device mesh.
 
 Axis names are fixed: ``data`` (pure data parallelism: parameters replicated), ``fsdp`` (parameters, gradients and
-optimizer state sharded: the ZeRO-3 equivalent; the batch is split over it too) and ``tensor`` (Megatron-style
-tensor parallelism inside a layer). Every mesh has all three axes, a missing one has size 1, so partition rules never
-need to know which axes a run uses.
+optimizer state sharded: the ZeRO-3 equivalent; the batch is split over it too), ``expert`` (mixture-of-experts
+models: the stacked experts are split over it; every other parameter is replicated over it and the batch is split
+over it, so for them it is one more data-parallel axis) and ``tensor`` (Megatron-style tensor parallelism inside a
+layer). Every mesh has all four axes, a missing one has size 1, so partition rules never need to know which axes a
+run uses.
 
 Axis types: we build the mesh with ``AxisType.Auto`` on every axis. jax >= 0.10 ``make_mesh`` defaults to Explicit
 axes, where every array carries its sharding in its type and many ops demand the user resolve shardings by hand.
@@ -17,36 +19,55 @@ import os
 import re
 from dataclasses import dataclass
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
 # PartitionSpec entry for the batch dimension: split over every data-like axis.
-BATCH = ("data", "fsdp")
+BATCH = ("data", "fsdp", "expert")
 
 
 @dataclass(frozen=True)
 class MeshSpec:
-    """Sizes of the three mesh axes."""
+    """Sizes of the four mesh axes (``expert`` last among the fields so ``MeshSpec(data, fsdp, tensor)`` reads as
+    before; the mesh's axis order is ``AXES``)."""
 
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def shape(self) -> tuple[int, int, int, int]:
+        """Axis sizes in ``AXES`` order (data, fsdp, expert, tensor)."""
+        return (self.data, self.fsdp, self.expert, self.tensor)
 
     @property
     def size(self) -> int:
-        return self.data * self.fsdp * self.tensor
+        return self.data * self.fsdp * self.expert * self.tensor
+
+    @property
+    def batch_ways(self) -> int:
+        """How many ways the batch is split (data x fsdp x expert)."""
+        return self.data * self.fsdp * self.expert
 
     def __str__(self) -> str:
-        return "x".join(str(s) for s in self.shape) if self.data > 1 else f"{self.fsdp}x{self.tensor}"
+        if self.expert > 1:
+            return "x".join(str(s) for s in self.shape)
+        return f"{self.data}x{self.fsdp}x{self.tensor}" if self.data > 1 else f"{self.fsdp}x{self.tensor}"
+
+
+def batch_ways(mesh) -> int:
+    """Data-parallel size of a built mesh: the product of the ``BATCH`` axes."""
+    n = 1
+    for a in BATCH:
+        n *= mesh.shape[a]
+    return n
 
 
 def parse_mesh(text: str) -> MeshSpec:
     """Parse a mesh string.
 
     ``"8"`` -> fsdp=8; ``"4x2"`` -> fsdp=4 x tensor=2; ``"2x2x2"`` -> data=2 x fsdp=2 x tensor=2;
-    ``"data=2,fsdp=2,tensor=2"`` names the axes (any subset, any order).
+    ``"1x2x2x2"`` -> data=1 x fsdp=2 x expert=2 x tensor=2; ``"data=2,fsdp=2,expert=2,tensor=2"`` names the axes
+    (any subset, any order).
     """
     s = text.strip().lower()
     if "=" in s:
@@ -60,17 +81,19 @@ def parse_mesh(text: str) -> MeshSpec:
                 raise ValueError(f"mesh {text!r}: axis {name!r} given twice")
             sizes[name] = _positive(value, text)
         return MeshSpec(**sizes)
-    if not re.fullmatch(r"\d+(x\d+){0,2}", s):
+    if not re.fullmatch(r"\d+(x\d+){0,3}", s):
         raise ValueError(
-            f"mesh {text!r} is not understood: write FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2) or "
-            "data=2,fsdp=2,tensor=2"
+            f"mesh {text!r} is not understood: write FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2), "
+            "DATAxFSDPxEXPERTxTENSOR (1x2x2x2) or data=1,fsdp=2,expert=2,tensor=2"
         )
     dims = [_positive(d, text) for d in s.split("x")]
     if len(dims) == 1:
         return MeshSpec(fsdp=dims[0])
     if len(dims) == 2:
         return MeshSpec(fsdp=dims[0], tensor=dims[1])
-    return MeshSpec(data=dims[0], fsdp=dims[1], tensor=dims[2])
+    if len(dims) == 3:
+        return MeshSpec(data=dims[0], fsdp=dims[1], tensor=dims[2])
+    return MeshSpec(data=dims[0], fsdp=dims[1], expert=dims[2], tensor=dims[3])
 
 
 def _positive(value: str, text: str) -> int:
@@ -111,7 +134,7 @@ def use_host_devices(spec: MeshSpec | str) -> None:
 
 
 def make_mesh(spec: MeshSpec | str, devices=None):
-    """Build a ``jax.sharding.Mesh`` with axes (data, fsdp, tensor), all of type Auto (see module docstring).
+    """Build a ``jax.sharding.Mesh`` with axes (data, fsdp, expert, tensor), all of type Auto (see module docstring).
 
     ``devices`` defaults to all devices of all processes. The tensor axis is the fastest-varying one, so on a
     multi-GPU host it stays inside the host's NVLink domain.
@@ -128,4 +151,4 @@ def make_mesh(spec: MeshSpec | str, devices=None):
             f"{len(devices)}" + (" (on a CPU machine, set the mesh before jax touches a device)" if
                                  devices[0].platform == "cpu" else "")
         )
-    return jax.make_mesh(spec.shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(spec.shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

@@ -5,6 +5,9 @@ input dim over ``fsdp`` and their output dim over ``tensor``; row-parallel ones 
 a layer needs one all-reduce over ``tensor`` after attention and one after the MLP. The embedding splits the vocab
 over ``tensor`` and hidden over ``fsdp``. Norm scales and small biases are replicated on purpose (listed rules,
 not a fallback).
+
+Mixture-of-experts families (Mixtral, Qwen3-MoE) add rules for the stacked experts (``[E, in, out]``: E over the
+``expert`` axis, the matrix like the dense MLP's) and the router, ahead of the Llama-family rules.
 """
 from jax.sharding import PartitionSpec as P
 
@@ -43,5 +46,15 @@ LLAMA_FAMILY = PartitionRules(
     ),
 )
 
+# Mixture-of-experts layers (models/moe.py), first: stacked experts [E, in, out] split E over ``expert`` and the
+# matrix like the dense MLP (gate/up column-parallel, down row-parallel); the router [D, E] is small: replicated.
+MOE_RULES = (
+    (r"mlp/experts/(gate|up)_proj$", P("expert", "fsdp", "tensor")),
+    (r"mlp/experts/down_proj$", P("expert", "tensor", "fsdp")),
+    (r"mlp/gate/kernel$", P()),
+)
+MOE_FAMILY = PartitionRules("moe-family", MOE_RULES + LLAMA_FAMILY.rules)
+
 # model_type -> rule table.
-RULES_BY_MODEL_TYPE = {t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")}
+RULES_BY_MODEL_TYPE = {**{t: LLAMA_FAMILY for t in ("llama", "mistral", "qwen2", "qwen3")},
+                       **{t: MOE_FAMILY for t in ("mixtral", "qwen3_moe")}}

@@ -14,13 +14,15 @@ from tests.tiny import FAMILIES, hf_config
 @pytest.mark.parametrize("text, want", [
     ("8", MeshSpec(fsdp=8)), ("4x2", MeshSpec(fsdp=4, tensor=2)), ("2x2x2", MeshSpec(2, 2, 2)),
     ("data=2,fsdp=2,tensor=2", MeshSpec(2, 2, 2)), ("tensor=8", MeshSpec(tensor=8)), (" 1X8 ", MeshSpec(1, 1, 8)),
+    ("1x2x2x2", MeshSpec(fsdp=2, expert=2, tensor=2)), ("data=1,fsdp=2,expert=2,tensor=2", MeshSpec(1, 2, 2, 2)),
+    ("expert=8", MeshSpec(expert=8)),
 ])
 def test_parse_mesh(text, want):
     assert parse_mesh(text) == want
 
 
 @pytest.mark.parametrize("text, msg", [
-    ("4x2x1x1", "not understood"), ("4*2", "not understood"), ("0x8", ">= 1"),
+    ("4x2x1x1x1", "not understood"), ("4*2", "not understood"), ("0x8", ">= 1"),
     ("pipe=2", "unknown axis 'pipe'"), ("fsdp=2,fsdp=4", "given twice"),
 ])
 def test_parse_mesh_errors(text, msg):
@@ -30,7 +32,9 @@ def test_parse_mesh_errors(text, msg):
 
 def test_make_mesh_axes_and_errors():
     mesh = make_mesh("4x2")
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    assert str(parse_mesh("1x2x2x2")) == "1x2x2x2" and str(parse_mesh("2x2x2")) == "2x2x2"
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     with pytest.raises(ValueError, match="mesh 4x3 needs 12 devices, 8 available: pick a mesh whose product is 8"):
         make_mesh("4x3")

@@ -20,9 +20,18 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32)),
 }
 
+# Mixture-of-experts families (kept out of FAMILIES: tests/test_moe.py covers them). 4 experts, top-2; Qwen3-MoE with
+# a dense first layer (mlp_only_layers) and renormalised top-k weights.
+MOE_FAMILIES = {
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=96)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    decoder_sparse_step=1, mlp_only_layers=[0], norm_topk_prob=True,
+                                                    head_dim=32)),
+}
+
 
 def hf_config(family: str, **overrides):
-    cls, extra = FAMILIES[family]
+    cls, extra = {**FAMILIES, **MOE_FAMILIES}[family]
     return cls(**{**COMMON, **extra, **overrides})
 
 

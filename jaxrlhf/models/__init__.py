@@ -1,4 +1,5 @@
-"""Flax NNX models of the Llama family, built from Hugging Face configs."""
+"""Flax NNX models of the Llama family and its mixture-of-experts relatives (Mixtral, Qwen3-MoE), built from Hugging
+Face configs."""
 from jaxrlhf.models.config import FAMILIES, ModelConfig
 from jaxrlhf.models.decoder import Decoder, default_positions, init_cache, last_token_values
 

@@ -1,4 +1,5 @@
-"""Flax NNX decoder for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3).
+"""Flax NNX decoder for the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3) and its mixture-of-experts
+relatives (Mixtral, Qwen3-MoE: the sparse layers' MLP is ``models/moe.py``'s ``MoE``).
 
 Parameter names mirror Hugging Face's module tree (``model/layers/{i}/self_attn/q_proj/kernel`` ...) so the
 converter table stays a plain rename + transpose. Kernels are stored ``[in, out]`` (HF Linear weights are
@@ -158,23 +159,44 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs, moe_dispatch: str = "ragged"):
         window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = Attention(cfg, window, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+        self.sparse = bool(cfg.moe_layers and cfg.moe_layers[layer])
+        if self.sparse:
+            from jaxrlhf.models.moe import MoE
+
+            self.mlp = MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
+                           normalize=cfg.norm_topk_prob, dtype=dtype, rngs=rngs, dispatch=moe_dispatch)
+        else:
+            self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids=None):
+        """``(x, new kv entry, router logits [B, T, E] fp32 or None on a dense layer)``."""
         h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+        if self.sparse:
+            y, router_logits = self.mlp(self.post_attention_layernorm(x))
+            return x + y, new_kv, router_logits
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv, None
+
+
+class RouterLog:
+    """Collects each forward's router logits while attached to a model (``Decoder.router_log``): the train step
+    attaches one to compute the load-balancing loss (``losses.moe_aux_losses``) of what the loss function ran.
+    ``entries``: one ``(router_logits [L_moe, B, T, E] fp32, attention_mask [B, T])`` per ``hidden_states`` call."""
+
+    def __init__(self):
+        self.entries: list = []
 
 
 class Backbone(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, moe_dispatch: str = "ragged"):
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, i, dtype=dtype, rngs=rngs, moe_dispatch=moe_dispatch)
+                                for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
@@ -183,15 +205,17 @@ class Decoder(nnx.Module):
 
     ``mesh`` (optional) is used only to constrain activations: batch over (data, fsdp).
     ``remat`` recomputes each layer's activations in the backward pass (gradient checkpointing).
+    ``moe_dispatch`` (MoE models): "ragged" grouped matmuls, or "dense" (every expert on every token; tests).
     """
 
     def __init__(self, cfg: ModelConfig, *, head: str = "lm", dtype=jnp.float32, rngs: nnx.Rngs,
-                 mesh=None, remat: bool = False):
+                 mesh=None, remat: bool = False, moe_dispatch: str = "ragged"):
         if head not in ("lm", "score"):
             raise ValueError(f"head must be 'lm' or 'score', got {head!r}")
         self.cfg, self.head, self.mesh, self.remat = cfg, head, mesh, remat
         self.lora = None  # a models.lora.LoraSpec once adapters are attached (models/lora.py apply_lora)
-        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        self.router_log = None  # a RouterLog while the train step collects router logits (MoE aux losses)
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs, moe_dispatch=moe_dispatch)
         has_lm_head = head == "lm" and not cfg.tie_word_embeddings
         self.lm_head = (Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
                         if has_lm_head else None)
@@ -234,15 +258,19 @@ class Decoder(nnx.Module):
             kv_mask = jax.lax.dynamic_update_slice(cache["mask"], attention_mask_bt, (0, index))
         x = self.model.embed_tokens(input_ids_bt)
         x = constrain(x, self.mesh, P(BATCH, None, None))
-        new_k, new_v = [], []
+        new_k, new_v, router = [], [], []
         for i, layer in enumerate(self.model.layers):
             kv = None if cache is None else (cache["k"][i], cache["v"][i], cache["index"])
             call = nnx.remat(Block.__call__) if self.remat else Block.__call__
-            x, upd = call(layer, x, cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids_bt)
+            x, upd, router_logits = call(layer, x, cos, sin, q_slots, kv, kv_mask, kv_slots, segment_ids_bt)
             x = constrain(x, self.mesh, P(BATCH, None, None))
             if upd is not None:
                 new_k.append(upd[0])
                 new_v.append(upd[1])
+            if router_logits is not None:
+                router.append(router_logits)
+        if self.router_log is not None and router:
+            self.router_log.entries.append((jnp.stack(router), attention_mask_bt))
         x = self.model.norm(x)
         new_cache = None
         if cache is not None:

@@ -22,6 +22,9 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
 ADAPTER_LEAVES = ("lora_a", "lora_b")
+# Names of mixture-of-experts parts (HF / PEFT spellings): the router and the experts are never adapted. On an MoE
+# model MLP targets adapt only the dense MLP layers (Qwen3-MoE's mlp_only_layers); the experts stay frozen.
+MOE_MODULES = ("gate", "router", "experts", "block_sparse_moe", "w1", "w2", "w3")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,11 @@ def parse_targets(target_modules) -> tuple[str, ...]:
         return LINEAR_MODULES
     if not names:
         raise ValueError(f"--target_modules is empty: name some of {', '.join(LINEAR_MODULES)} or all-linear")
+    moe = [n for n in names if n in MOE_MODULES]
+    if moe:
+        raise ValueError(f"--target_modules {', '.join(moe)}: the mixture-of-experts router and experts are not LoRA "
+                         f"targets; adapt {', '.join(ATTENTION_MODULES)} (and the dense MLP layers' "
+                         f"{', '.join(MLP_MODULES)}), or all-linear")
     unknown = [n for n in names if n not in LINEAR_MODULES]
     if unknown:
         raise ValueError(f"--target_modules {', '.join(unknown)}: no such module in this model; the linear modules "
@@ -56,11 +64,14 @@ def parse_targets(target_modules) -> tuple[str, ...]:
 
 
 def targeted_linears(model, targets: tuple[str, ...]):
-    """``[(flax path of the Linear, Linear)]`` for every targeted module of every layer, in layer order."""
+    """``[(flax path of the Linear, Linear)]`` for every targeted module of every layer, in layer order (an MoE
+    layer's MLP is experts, which are not targets: skipped)."""
     out = []
     for i, layer in enumerate(model.model.layers):
         for name in targets:
             group = "self_attn" if name in ATTENTION_MODULES else "mlp"
+            if group == "mlp" and layer.sparse:
+                continue
             out.append((f"model/layers/{i}/{group}/{name}", getattr(getattr(layer, group), name)))
     return out
 
@@ -78,7 +89,11 @@ def apply_lora(model, spec: LoraSpec, *, seed: int, mesh=None):
         raise ValueError("the model already has LoRA adapters")
     rules = RULES_BY_MODEL_TYPE[model.cfg.model_type]
     key = jax.random.key(seed)
-    for k, (path, lin) in enumerate(targeted_linears(model, spec.targets)):
+    linears = targeted_linears(model, spec.targets)
+    if not linears:
+        raise ValueError(f"--target_modules {','.join(spec.targets)}: every MLP of this {model.cfg.model_type} model "
+                         "is a set of experts, which are not LoRA targets; add attention modules (q_proj,...)")
+    for k, (path, lin) in enumerate(linears):
         din, dout = lin.kernel.shape if lin.kernel is not None else (2 * lin.kernel_nf4.shape[0], lin.kernel_nf4.shape[1])
         bound = 1.0 / din**0.5
         a = jax.random.uniform(jax.random.fold_in(key, k), (din, spec.rank), jnp.float32, -bound, bound)

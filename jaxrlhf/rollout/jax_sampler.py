@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from converters.tables import IGNORED_HF, flax_path, table_for
 from jaxrlhf.models.decoder import Decoder, default_positions, init_cache
 from jaxrlhf.rollout.engine import Completion, SamplingParams, Tensor, as_entries
-from sharding import BATCH, constrain, path_str
+from sharding import BATCH, batch_ways, constrain, path_str
 
 __all__ = ["JaxSampler", "top_k_filter", "top_p_filter", "sample_tokens"]
 
@@ -235,7 +235,7 @@ class JaxSampler:
         first = next(iter(self._leaves.values()))[1]
         self.cache_dtype = jnp.dtype(cache_dtype) if cache_dtype is not None else jnp.dtype(first.dtype)
         self._table = table_for(self.cfg.model_type)
-        self._dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+        self._dp = 1 if mesh is None else batch_ways(mesh)
         self._programs: dict[tuple[int, _Settings], Any] = {}
         self.last_stats: dict[str, float] = {}
 
@@ -297,6 +297,7 @@ class JaxSampler:
         later donates it, call ``update_weights`` again before ``generate`` (``generate`` checks and says so).
         """
         params = self._live_params(allow_deleted=True)
+        experts: dict[str, dict[int, Any]] = {}  # stacked MoE parameter -> the experts received so far
         for name, array, flax_layout in as_entries(named_tensors):
             if any(p.search(name) for p in IGNORED_HF):
                 continue
@@ -308,17 +309,29 @@ class JaxSampler:
                     f"update_weights: unknown tensor {name!r}: the {self.cfg.model_type} sampler's model has no such "
                     "parameter; send Hugging Face names and layout as converters.hf.hf_tensors yields them "
                     "(e.g. 'model.layers.0.self_attn.q_proj.weight')")
-            path, transpose = found
+            path, transpose, expert = found
             keys, spec = self._leaves[path]
             transpose = transpose and not flax_layout
-            hf_shape = tuple(reversed(spec.shape)) if transpose else tuple(spec.shape)
+            shape = tuple(spec.shape[1:]) if expert is not None else tuple(spec.shape)
+            hf_shape = tuple(reversed(shape)) if transpose else shape
             if tuple(array.shape) != hf_shape:
                 raise ValueError(f"update_weights: tensor {name!r} has shape {tuple(array.shape)}, the sampler's "
                                  f"model expects {hf_shape} (HF layout): is it from a model with the same config?")
+            if expert is not None:  # one expert of a stacked [E, ...] parameter: placed once all E have come
+                got = experts.setdefault(path, {})
+                got[expert] = array.T if transpose else array
+                if len(got) < spec.shape[0]:
+                    continue
+                stack = jnp.stack if isinstance(array, jax.Array) else np.stack
+                array, transpose = stack([got.pop(e) for e in range(spec.shape[0])]), False
             node = params
             for k in keys[:-1]:
                 node = node[k]
             node[keys[-1]] = _place(array, spec, transpose)
+        partial = {p: sorted(got) for p, got in experts.items() if got}
+        if partial:
+            raise ValueError(f"update_weights: only experts {partial} of stacked MoE parameter(s) were sent: send "
+                             "every expert's tensor of a layer in one call")
 
     @property
     def num_programs(self) -> int:

@@ -137,10 +137,13 @@ class WorkerExtension:
     def jaxrlhf_begin_sync(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        self.__dict__["_jaxrlhf_moe"] = set()  # MoE expert modules this sync writes (see _repack_cpu_experts)
         initialize_layerwise_reload(self.model_runner.get_model())
 
     def jaxrlhf_load(self, named_tensors: list) -> int:
         self.model_runner.get_model().load_weights(iter(named_tensors))
+        self.__dict__.setdefault("_jaxrlhf_moe", set()).update(
+            n[:n.index(".experts.")] + ".experts" for n, _ in named_tensors if ".experts." in n)
         return len(named_tensors)
 
     def jaxrlhf_load_file(self, path: str, entries: list) -> int:
@@ -156,6 +159,30 @@ class WorkerExtension:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.vllm_config.model_config)
+        _repack_cpu_experts(self.model_runner.get_model(), self.__dict__.pop("_jaxrlhf_moe", set()))
+
+
+def _repack_cpu_experts(model, prefixes: set) -> None:
+    """Work around vLLM 0.32's CPU MoE weight update: a reload copies the new expert weights into the kernel
+    storage but only the first load prepacks them into the CPU grouped-GEMM layout (``UnquantizedFusedMoEMethod.
+    _setup_kernel`` skips ``fused_experts.process_weights_after_loading`` on updates), so the engine would compute
+    with unpacked weights (its own ``reload_weights`` from the unchanged checkpoint changes greedy output). Prepack
+    the reloaded experts of each module in ``prefixes`` in place (same shape, same storage). GPU kernels: no-op."""
+    if not prefixes:
+        return
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    from vllm import _custom_ops
+
+    for prefix in sorted(prefixes):
+        for layer in model.get_submodule(prefix).modules():  # the RoutedExperts module under the MoE runner
+            kernel = getattr(getattr(layer, "quant_method", None), "moe_kernel", None)
+            experts = getattr(kernel, "fused_experts", None)
+            if not isinstance(experts, CPUUnquantizedExperts) or getattr(experts, "_use_zentorch", False):
+                continue
+            for name in ("w13_weight", "w2_weight"):
+                w = getattr(layer, name)
+                w.data.copy_(_custom_ops.cpu_prepack_moe_weight(w.data.clone(), experts.isa))
 
 
 def _bucket_tensors(buf, entries: list) -> list:

@@ -41,7 +41,8 @@ class RunFlags(DistributedConfig, PlanFlags):  # + multi-host flags (sharding/di
     to change its default."""
 
     # ---- mesh and randomness
-    mesh: str = arg("4x2", "device mesh: FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2) or data=2,fsdp=2,tensor=2")
+    mesh: str = arg("4x2", "device mesh: FSDPxTENSOR (4x2), DATAxFSDPxTENSOR (2x2x2), DATAxFSDPxEXPERTxTENSOR "
+                              "(1x2x2x2; MoE experts split over expert) or data=1,fsdp=2,expert=2,tensor=2")
     seed: int = arg(42, "seed of every PRNG key and of the data order (shuffling, mixing, sampling, head init)")
     # ---- model and data
     pretrain: Optional[str] = arg(None, "HF model directory or converted checkpoint to start from")
@@ -60,6 +61,9 @@ class RunFlags(DistributedConfig, PlanFlags):  # + multi-host flags (sharding/di
     max_norm: float = arg(1.0, "gradient clipping by global norm (0: off)")
     bf16: bool = arg(False, "bf16 compute (fp32 master weights and optimizer state)")
     gradient_checkpointing: bool = arg(False, "recompute layer activations in the backward pass")
+    aux_loss_coef: float = arg(0.0, "mixture-of-experts models: weight of the load-balancing loss added to every "
+                                    "trained model's loss (transformers' load_balancing_loss_func; e.g. 0.001)")
+    router_z_loss_coef: float = arg(0.0, "mixture-of-experts models: weight of the router z-loss (ST-MoE)")
     # ---- checkpoints, logs, outputs
     save_path: str = arg("./ckpt", "where the final HF model(s), logs and plot are written")
     ckpt_path: str = arg("./ckpt/checkpoints", "training checkpoints (Orbax)")
@@ -79,6 +83,9 @@ class RunFlags(DistributedConfig, PlanFlags):  # + multi-host flags (sharding/di
         if len(self.adam_betas) != 2:
             raise ValueError(f"--adam_betas takes two numbers (beta1,beta2), got {self.adam_betas}")
         at_least_one(self, "train_batch_size", "micro_train_batch_size", "max_epochs", "logging_steps", "max_ckpt_num")
+        for flag in ("aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, flag) < 0:
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, flag)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max_steps must be >= 1, got {self.max_steps}")
         if self.save_steps == 0 or self.save_steps < -1:

@@ -8,6 +8,9 @@ then applies one optimizer update. Loss functions must normalise by counts of th
 Parameters are fp32 master weights; ``compute_dtype=bfloat16`` casts them inside the differentiated function,
 so gradients and optimizer state stay fp32. Parameters and optimizer state are donated.
 
+Mixture-of-experts models: every train step adds the router's auxiliary losses (``--aux_loss_coef``,
+``--router_z_loss_coef``) of the forwards its loss function ran, for every trainer alike (``make_train_step``).
+
 Multi-host: batches are host NumPy values that are the same on every process (the global batch); each process
 places only its own shards (``sharding.distributed.global_array``). Forward outputs are replicated, so every process
 can read them: return per-sample / per-token values from a forward, not logits.
@@ -91,7 +94,8 @@ def join_params(a: dict, b: dict) -> dict:
 
 
 def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation, *, params, opt_state, mesh,
-                    compute_dtype=None, trainable: Callable[[str], bool] | None = None):
+                    compute_dtype=None, trainable: Callable[[str], bool] | None = None, aux_loss_coef: float = 0.0,
+                    router_z_loss_coef: float = 0.0):
     """Build ``step(params, opt_state, micro_batches) -> (params, opt_state, metrics)`` (jitted, donated).
 
     ``params`` / ``opt_state`` are examples whose shardings fix the step's in/out shardings. Metrics are the
@@ -99,20 +103,38 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     the maximum / minimum) plus ``grad_norm``. ``trainable(path)`` (e.g. LoRA adapters only): gradients are taken
     and ``tx`` applied only for those leaves (``opt_state`` = ``init_optimizer`` of ``split_params(...)[0]``); the
     rest pass through unchanged, with no gradient buffers and no optimizer state.
+
+    Mixture-of-experts models: the router logits of every forward ``loss_fn`` runs are collected and
+    ``aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`` (``losses.moe_aux_losses``, per
+    micro-batch, averaged over the step's micro-batches) is added to the loss; ``aux_loss`` and ``router_z_loss``
+    are logged as metrics.
     """
     p_sh, o_sh = shardings_of(params), shardings_of(opt_state)
 
-    def loss_of(trained, frozen, mb):
+    def loss_of(trained, frozen, mb, num_micro: int):
         p = join_params(trained, frozen)
         if compute_dtype is not None:
             p = cast_floating(p, compute_dtype)
-        return loss_fn(nnx.merge(graphdef, p), mb)
+        model = nnx.merge(graphdef, p)
+        if not getattr(getattr(model, "cfg", None), "is_moe", False):
+            return loss_fn(model, mb)
+        from jaxrlhf.losses import moe_aux_losses
+        from jaxrlhf.models.decoder import RouterLog
+
+        model.router_log = RouterLog()
+        loss, metrics = loss_fn(model, mb)
+        if not model.router_log.entries:
+            return loss, metrics
+        aux, aux_metrics = moe_aux_losses(model.router_log.entries, top_k=model.cfg.num_experts_per_tok,
+                                          aux_loss_coef=aux_loss_coef, z_loss_coef=router_z_loss_coef)
+        return loss + aux / num_micro, {**metrics, **{k: v / num_micro for k, v in aux_metrics.items()}}
 
     def step(params, opt_state, micro_batches):
         trained, frozen = split_params(params, trainable)
+        num_micro = jax.tree_util.tree_leaves(micro_batches)[0].shape[0]
 
         def micro(grads, mb):
-            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, mb)
+            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, mb, num_micro)
             return jax.tree_util.tree_map(jnp.add, grads, g), {"loss": loss, **metrics}
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)

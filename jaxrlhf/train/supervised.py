@@ -157,7 +157,9 @@ def dry_run(cfg: SupervisedConfig) -> dict:
 
 
 def data_parallel_size(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    from sharding import batch_ways
+
+    return batch_ways(mesh)
 
 
 def load_tokenizer_for(cfg: SupervisedConfig):
@@ -353,7 +355,8 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
         weight_decay=cfg.l2, betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
     opt_state = init_optimizer(tx, split_params(params, trainable)[0], mesh)
     train_step = make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt_state, mesh=mesh,
-                                 compute_dtype=compute_dtype, trainable=trainable)
+                                 compute_dtype=compute_dtype, trainable=trainable, aux_loss_coef=cfg.aux_loss_coef,
+                                 router_z_loss_coef=cfg.router_z_loss_coef)
     evaluate = _evaluator(eval_data, make_forward(graphdef, loss_fn, params=params, mesh=mesh,
                                                   compute_dtype=compute_dtype), prepare, dp=dp, micro=micro)
 
