@@ -38,7 +38,7 @@ def stepper(model_dir: str, mesh, ids, loss_mask, rank: int, *, four_bit: bool =
     from jaxrlhf.sft import sft_loss
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.steps import init_optimizer, make_train_step, split_params, stack_micro_batches
-    from jaxrlhf.train.supervised import trainable_with_lora
+    from jaxrlhf.train.lora import trainable_with_lora
 
     model = from_pretrained(model_dir, mesh=mesh, dtype=np.float32)
     trainable = None

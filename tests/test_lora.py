@@ -15,7 +15,7 @@ from flax import nnx
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.models.lora import LINEAR_MODULES, LoraSpec, apply_lora, merge, parse_targets
 from jaxrlhf.train.steps import init_optimizer, make_train_step, split_params
-from jaxrlhf.train.supervised import trainable_with_lora
+from jaxrlhf.train.lora import trainable_with_lora
 from sharding import make_mesh
 from tests.tiny import left_padded_batch, positions, save_tiny
 
@@ -208,7 +208,9 @@ def test_an_adapter_peft_wrote_loads_with_equal_logits(base, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--target_modules", "q_proj,qkv"], "--target_modules qkv: no such module in this model; the linear modules "
                                          "are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-    (["--lora_dropout", "0.1"], "adapter dropout is not implemented yet"),
+    (["--lora_dropout", "1.0"], "--lora_dropout must be in [0, 1), got 1.0"),
+    (["--bnb_4bit_use_double_quant", "--lora_rank", "4"], "--bnb_4bit_use_double_quant quantizes the scales of the "
+                                                          "4-bit base: add --load_in_4bit"),
     (["--lora_save_adapter"], "--lora_save_adapter needs LoRA: set --lora_rank"),
     (["--lora_rank", "-1"], "--lora_rank must be >= 0"),
 ])

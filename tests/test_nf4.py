@@ -86,7 +86,7 @@ def test_qlora_on_a_mesh_only_adapters_train(tmp_path):
 
     from jaxrlhf.models.lora import LINEAR_MODULES, LoraSpec, apply_lora
     from jaxrlhf.train.steps import init_optimizer, make_train_step, split_params
-    from jaxrlhf.train.supervised import trainable_with_lora
+    from jaxrlhf.train.lora import trainable_with_lora
     from sharding import make_mesh
     from tests.test_lora import _lm_loss
 

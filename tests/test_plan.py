@@ -312,7 +312,7 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
     from jaxrlhf.models.nf4 import quantize_base
     from jaxrlhf.plan import Role, role_memory
     from jaxrlhf.train.steps import init_optimizer, split_params
-    from jaxrlhf.train.supervised import trainable_with_lora
+    from jaxrlhf.train.lora import trainable_with_lora
     from sharding import make_mesh
     from tests.tiny import save_tiny
 
