@@ -119,6 +119,7 @@ class ParamStats:
     score_per_device: int = 0  # the score head's elements one device holds (trained with LoRA too)
     linears_per_device: int = 0  # elements of the decoder layers' linear kernels one device holds
     nf4_bytes_per_device: int = 0  # ... as NF4 (QLoRA): codes [in/2, out] uint8 + absmax [in/64, out] fp32
+    nf4_dq_bytes_per_device: int = 0  # ... double-quantized: absmax int8 + [in/64, ceil(out/256)] fp32 + an offset
 
 
 def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "--mesh", lora_rank: int = 0,
@@ -165,7 +166,9 @@ def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "-
                       adapters_per_device=model.num_layers * per_device(adapters) if adapters else 0,
                       score_per_device=per_device([(p, s) for p, s in outer if p == "score/kernel"]),
                       linears_per_device=model.num_layers * per_device(linears),
-                      nf4_bytes_per_device=model.num_layers * (per_device(nf4_codes) + 4 * per_device(nf4_scales)))
+                      nf4_bytes_per_device=model.num_layers * (per_device(nf4_codes) + 4 * per_device(nf4_scales)),
+                      nf4_dq_bytes_per_device=model.num_layers * (per_device(nf4_codes) + per_device(nf4_scales) + sum(
+                          4 * (max(1, s[0] // 64) * -(-s[1] // 256) + 1) for _, s in linears)))  # 2nd level replicated
 
 
 def _axis_size(axes, sizes: dict) -> int:
@@ -202,6 +205,7 @@ class Role:
     lora_rank: int = 0  # > 0: only LoRA adapters (+ a score head) are trained; the base is frozen
     lora_targets: tuple[str, ...] = ()
     load_in_4bit: bool = False  # QLoRA: the layers' linear kernels stored as NF4 codes + block scales
+    double_quant: bool = False  # ... with the block scales double-quantized (models/nf4.py)
 
 
 @dataclass(frozen=True)
@@ -246,7 +250,8 @@ def role_memory(role: Role) -> RoleMemory:
     cast = N * c if c < p else 0
     stored = N * p
     if role.load_in_4bit:  # NF4 kernels: codes + block scales, dequantized one layer at a time (in "gathered")
-        stored = (N - st.linears_per_device) * p + st.nf4_bytes_per_device
+        stored = (N - st.linears_per_device) * p + (st.nf4_dq_bytes_per_device if role.double_quant else
+                                                    st.nf4_bytes_per_device)
         cast = (N - st.linears_per_device) * c if c < p else 0
     gathered = (2 * st.layer + st.head) // t * c
     # LoRA: optimizer state and gradients for the adapters (fp32) and a score head only; no layer gradient in flight
@@ -595,7 +600,8 @@ def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, 
                     gradient_checkpointing: bool, device_memory_gb: Optional[float], head: str = "lm",
                     ref_path: Optional[str] = None, ref_micro_batch_size: Optional[int] = None,
                     train_batch_size: Optional[int] = None, processes: int = 1, lora_rank: int = 0,
-                    lora_targets: tuple[str, ...] = (), load_in_4bit: bool = False) -> Plan:
+                    lora_targets: tuple[str, ...] = (), load_in_4bit: bool = False,
+                    double_quant: bool = False) -> Plan:
     """The plan of an offline trainer (SFT, RM, DPO, KTO): one trained ``policy`` and an optional frozen ``ref``
     (DPO/KTO reference log-probs) on the same mesh. ``micro_train_batch_size`` counts rows per data-parallel rank
     (a DPO pair is 2 rows: pass 2 x the pair count). ``lora_rank`` > 0: the policy trains LoRA adapters on
@@ -612,17 +618,19 @@ def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, 
                      f"{micro_train_batch_size} x dp {dp}; T = --max_len {max_len}")
     policy = Role("policy", ModelConfig.from_dir(model_path), head, spec, trained=True, compute_bytes=c,
                   remat=gradient_checkpointing, train_rows=micro_train_batch_size, seq_len=max_len,
-                  lora_rank=lora_rank, lora_targets=tuple(lora_targets), load_in_4bit=load_in_4bit)
+                  lora_rank=lora_rank, lora_targets=tuple(lora_targets), load_in_4bit=load_in_4bit,
+                  double_quant=double_quant)
     roles = [policy]
     if lora_rank:
         lora = role_memory(policy)
-        full = role_memory(dataclasses.replace(policy, lora_rank=0, load_in_4bit=False))
+        full = role_memory(dataclasses.replace(policy, lora_rank=0, load_in_4bit=False, double_quant=False))
         lines.append(f"LoRA r={lora_rank} on {','.join(lora_targets)}: {lora.stats.adapters:,} adapter parameters "
                      f"({100 * lora.stats.adapters / lora.stats.total:.2f}% of {lora.stats.total:,}); optimizer state "
                      f"per device {gib(lora.optimizer)} (full fine-tuning: {gib(full.optimizer)}), gradients "
                      f"{gib(lora.grads)} (full: {gib(full.grads)})")
         if load_in_4bit:
-            lines.append(f"QLoRA: NF4 base, parameters per device {gib(lora.params)} (fp32 base: "
+            lines.append(f"QLoRA: NF4 base{' (double-quantized scales)' if double_quant else ''}, parameters per "
+                         f"device {gib(lora.params)} (fp32 base: "
                          f"{gib(role_memory(dataclasses.replace(policy, load_in_4bit=False)).params)})")
     if ref_path:
         roles.append(Role("ref", ModelConfig.from_dir(ref_path), "lm", spec, param_bytes=c, compute_bytes=c,

@@ -321,17 +321,17 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
     dev0 = mesh.devices.flat[0]
     targets = ("q_proj", "v_proj", "down_proj")
     cfg = ModelConfig.from_dir(str(tmp_path / "m"))
-    for head, four_bit in (("lm", False), ("score", False), ("lm", True)):
+    for head, four_bit, dq in (("lm", False, False), ("score", False, False), ("lm", True, False), ("lm", True, True)):
         model = from_pretrained(str(tmp_path / "m"), mesh=mesh, head=head)
         if four_bit:
-            quantize_base(model, mesh=mesh)
+            quantize_base(model, mesh=mesh, double_quant=dq)
         apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets), seed=0, mesh=mesh)
         params = nnx.split(model)[1].to_pure_dict()
         opt = init_optimizer(optax.adam(1e-3), split_params(params, trainable_with_lora(head))[0], mesh)
         real = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0
                    for s in x.addressable_shards if s.device == dev0)
         planned = role_memory(Role("policy", cfg, head, MeshSpec(fsdp=4, tensor=2), trained=True, lora_rank=4,
-                                   lora_targets=targets, load_in_4bit=four_bit))
+                                   lora_targets=targets, load_in_4bit=four_bit, double_quant=dq))
         assert planned.optimizer == real, head
         on_dev0 = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(params) for s in x.addressable_shards
                       if s.device == dev0)
@@ -355,3 +355,8 @@ def test_dry_run_shows_the_lora_saving(dirs, capsys):
     # embedding + untied head stay fp32: 2 x 128256 x 4096 x 4 B / 8 = 0.49 GiB; 6.98e9 linear elements x 0.5625 B / 8
     # = 0.46 GiB; the fp32 adapters 0.02 GiB
     assert "QLoRA: NF4 base, parameters per device 0.97 (fp32 base: 3.76)" in printed, printed
+    assert cli([*argv, "--lora_rank", "16", "--load_in_4bit", "--bnb_4bit_use_double_quant"]) == 0
+    printed = capsys.readouterr().out
+    # 6.98e9 x (0.5 + 1/64 + ~4/(64*256)) B / 8 = 0.42 GiB instead of 0.46
+    assert "QLoRA: NF4 base (double-quantized scales), parameters per device 0.93 (fp32 base: 3.76)" in printed, \
+        printed

@@ -153,7 +153,8 @@ def dry_run(cfg: SupervisedConfig) -> dict:
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               device_memory_gb=cfg.device_memory_gb, head=cfg.trained_head(),
                               ref_path=cfg.reference(), processes=cfg.num_processes or 1, lora_rank=rank,
-                              lora_targets=targets, load_in_4bit=cfg.load_in_4bit)
+                              lora_targets=targets, load_in_4bit=cfg.load_in_4bit,
+                              double_quant=cfg.bnb_4bit_use_double_quant)
 
 
 def data_parallel_size(mesh) -> int:
