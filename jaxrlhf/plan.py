@@ -538,19 +538,24 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
 
     actor_cfg = ModelConfig.from_dir(cfg.pretrain)
     chunk = min(cfg.logits_chunk_size, cfg.generate_max_len)  # train/ppo_step.py: the head runs chunk by chunk
+    lora = _lora_of(cfg)  # LoRA on the actor and the critic (adapters-only optimizer state; NF4 base with QLoRA)
     roles = [Role("actor", actor_cfg, "lm", main, trained=True, param_bytes=4, compute_bytes=c,
                   remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,
-                  forward_rows=cfg.micro_rollout_batch_size, seq_len=T, logit_positions=chunk)]
+                  forward_rows=cfg.micro_rollout_batch_size, seq_len=T, logit_positions=chunk, **lora)]
+    if lora:
+        lines.append(f"LoRA r={lora['lora_rank']} on {','.join(lora['lora_targets'])} (actor and critic)"
+                     f"{', NF4 base' if lora['load_in_4bit'] else ''}; the reference is the actor's base with its "
+                     "adapters off (no parameters of its own)")
     from jaxrlhf.advantages import ESTIMATORS
 
     if ESTIMATORS[cfg.advantage_estimator].critic:
         src = cfg.critic_pretrain or (cfg.reward_pretrain.split(",")[0] if cfg.reward_pretrain else cfg.pretrain)
         roles.append(Role("critic", ModelConfig.from_dir(src), "score", main, trained=True, param_bytes=4,
                           compute_bytes=c, remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,
-                          forward_rows=cfg.micro_rollout_batch_size, seq_len=T))
+                          forward_rows=cfg.micro_rollout_batch_size, seq_len=T, **lora))
     if cfg.init_kl_coef > 0 or cfg.use_kl_loss:
         p = place.get("ref", place["main"])
-        roles.append(Role("ref", actor_cfg, "lm", p.spec, p.first, param_bytes=c, compute_bytes=c,
+        roles.append(Role("ref", actor_cfg, "lm", p.spec, p.first, param_bytes=0 if lora else c, compute_bytes=c,
                           offload=cfg.ref_offload, forward_rows=cfg.micro_rollout_batch_size, seq_len=T,
                           mesh_flag="--ref_mesh" if "ref" in place else "--mesh", logit_positions=chunk))
     for i, path in enumerate(cfg.reward_pretrain.split(",") if cfg.reward_pretrain else []):
@@ -579,6 +584,22 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
     sampler = None if cfg.vllm_num_engines else SamplerSpec(samples, cfg.prompt_max_len, T)
     return build_plan(roles, processes=processes, per_host=layout["per_host"], device_memory_gb=cfg.device_memory_gb,
                       sampler=sampler, vllm_sync=bool(cfg.vllm_num_engines), lines=lines)
+
+
+def _lora_of(cfg) -> dict:
+    """The LoRA fields of a ``Role`` from a config's LoRA flags ({} without LoRA)."""
+    if not (getattr(cfg, "lora_rank", 0) or getattr(cfg, "lora_path", None)):
+        return {}
+    from jaxrlhf.models.lora import parse_targets
+
+    rank, targets = cfg.lora_rank, parse_targets(cfg.target_modules)
+    if cfg.lora_path:
+        from converters.peft import read_spec
+
+        spec = read_spec(cfg.lora_path)
+        rank, targets = spec.rank, spec.targets
+    return dict(lora_rank=rank, lora_targets=tuple(targets), load_in_4bit=cfg.load_in_4bit,
+                double_quant=cfg.bnb_4bit_use_double_quant)
 
 
 PPO_KNOBS = {"remat": "--gradient_checkpointing", "train_rows": "--micro_train_batch_size",

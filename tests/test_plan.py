@@ -338,6 +338,24 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
         assert planned.params == on_dev0, head
 
 
+def test_ppo_dry_run_with_lora(dirs, capsys):
+    """PPO --lora_rank: the actor's optimizer state is the adapters' (as in the offline trainers' LoRA plan, checked
+    against real arrays above) and the reference holds no parameters of its own (the actor's base)."""
+    from jaxrlhf.cli import parse_config
+    from jaxrlhf.ppo import PPOConfig, main
+
+    argv = [f for f in FLAGS_70B if f != "--ref_offload"] + ["--dry_run", "--pretrain", str(dirs["70b"]),
+                                                             "--reward_pretrain", str(dirs["70b-rm"])]
+    full = {m.role.name: m for m in main(parse_config(PPOConfig, argv))["plan"].roles}
+    lora = {m.role.name: m for m in main(parse_config(PPOConfig, argv + ["--lora_rank", "16"]))["plan"].roles}
+    printed = capsys.readouterr().out
+    assert "LoRA r=16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (actor and critic); the reference " \
+        "is the actor's base" in printed
+    assert lora["ref"].params == 0 < full["ref"].params
+    assert lora["actor"].params > full["actor"].params  # + the adapters
+    assert 0 < lora["actor"].optimizer < full["actor"].optimizer / 50
+
+
 def test_dry_run_shows_the_lora_saving(dirs, capsys):
     from jaxrlhf.sft import cli
 
