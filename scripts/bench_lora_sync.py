@@ -92,8 +92,6 @@ def main() -> None:
                 seconds.append(time.perf_counter() - t0)
             out[name] = {"bytes": nbytes, "seconds": statistics.median(seconds)}
             out[name]["tokens"] = pool.generate(probe, greedy)[0].token_ids
-            if name == "merged":
-                pool._lora = None  # noqa: SLF001 - no adapter loaded yet on this path
     finally:
         pool.close()
     out["same_greedy_tokens"] = out["merged"].pop("tokens") == out["adapter"].pop("tokens")

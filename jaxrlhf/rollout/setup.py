@@ -126,4 +126,5 @@ def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, p
         enforce_eager=flags.enforce_eager, max_model_len=prompt_max_len + generate_max_len,
         eos_token_ids=eos, seed=seed, sync_backend=flags.vllm_sync_backend, bucket_mb=flags.weight_sync_bucket_mb,
         request_timeout_s=flags.vllm_request_timeout, ray_address=flags.ray_address,
-        max_lora_rank=lora.rank if lora is not None and flags.vllm_sync_lora != "merged" else 0))
+        max_lora_rank=lora.rank if lora is not None and flags.vllm_sync_lora != "merged" and lora.rank <= 512
+        else 0))  # vLLM takes adapters up to rank 512
