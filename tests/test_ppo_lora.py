@@ -95,3 +95,24 @@ def test_bad_lora_flags_on_ppo(setup, flags, message, capsys):  # noqa: F811
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1], err[-3:]
+
+
+@pytest.mark.slow
+def test_qlora_ppo_with_double_quant_trains_resumes_and_exports(setup):  # noqa: F811
+    """--load_in_4bit --bnb_4bit_use_double_quant on PPO: the NF4 base (int8 scales) is the reference too (KL 0 at
+    the first step), the checkpoint holds the 4-bit leaves (resume == uninterrupted), the export is a plain fp32
+    model near the base (NF4 error + the adapters)."""
+    kw = dict(save_steps=1, load_in_4bit=True, bnb_4bit_use_double_quant=True, advantage_estimator="group_norm",
+              **LORA)
+    full = read_log(main(make_cfg(setup, "qlora_full", **kw))["log"])
+    assert full[0]["kl"] == 0.0 and full[1]["kl"] != 0.0
+    shutil.copytree(setup / "qlora_full" / "ckpt", setup / "qlora_crashed" / "ckpt")
+    shutil.rmtree(setup / "qlora_crashed" / "ckpt" / "2")
+    resumed = read_log(main(make_cfg(setup, "qlora_crashed", load_checkpoint=True, **kw))["log"])
+    for k in KEYS:
+        assert full[1][k] == pytest.approx(resumed[0][k], rel=1e-5, abs=1e-7), k
+    base = load_file(str(setup / "model" / "model.safetensors"))
+    merged = load_file(str(setup / "qlora_full" / "actor" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert merged[name].dtype == np.float32 and 0 < np.abs(merged[name] - base[name]).max() < 0.2 * np.abs(
+        base[name]).max()
