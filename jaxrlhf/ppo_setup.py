@@ -81,6 +81,24 @@ def _critic_source(cfg) -> str:
     return cfg.critic_pretrain or (cfg.reward_pretrain.split(",")[0] if cfg.reward_pretrain else cfg.pretrain)
 
 
+def _critic(cfg, mesh, actor_lora):
+    """The critic (value head on ``_critic_source``); with a LoRA actor, fresh adapters of the actor's shape on it
+    (OpenRLHF: the same LoRA flags for both), on an NF4 base too with --load_in_4bit."""
+    import jax.numpy as jnp
+
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.train.lora import add_lora
+
+    critic = from_pretrained(_critic_source(cfg), mesh=mesh, dtype=jnp.float32, head="score",
+                             value_head_prefix=cfg.value_head_prefix, remat=cfg.gradient_checkpointing, seed=cfg.seed)
+    if actor_lora is None:
+        return critic
+    return add_lora(critic, lora_rank=actor_lora.rank, lora_alpha=actor_lora.alpha,
+                    target_modules=list(actor_lora.targets), lora_path=None, seed=cfg.seed + 1, mesh=mesh,
+                    load_in_4bit=cfg.load_in_4bit, lora_dropout=cfg.lora_dropout,
+                    double_quant=cfg.bnb_4bit_use_double_quant)
+
+
 def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
     """Every part of a PPO run (module docstring); engines, checkpointer and logger are closed by ``run``."""
     import jax
@@ -132,17 +150,8 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
                                                      dtype=compute_dtype or jnp.float32))
     critic_def = critic_params = None
     if ESTIMATORS[cfg.advantage_estimator].critic:
-        critic = from_pretrained(_critic_source(cfg), mesh=mesh, dtype=jnp.float32, head="score",
-                                 value_head_prefix=cfg.value_head_prefix, remat=cfg.gradient_checkpointing,
-                                 seed=cfg.seed)
-        if actor.lora is not None:  # fresh adapters of the actor's shape (OpenRLHF: the same LoRA flags)
-            from jaxrlhf.train.lora import add_lora
-
-            spec = actor.lora
-            critic = add_lora(critic, lora_rank=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
-                              lora_path=None, seed=cfg.seed + 1, mesh=mesh, load_in_4bit=cfg.load_in_4bit,
-                              lora_dropout=cfg.lora_dropout, double_quant=cfg.bnb_4bit_use_double_quant)
-            lora["critic"] = critic.lora
+        critic = _critic(cfg, mesh, actor.lora)
+        lora["critic"] = critic.lora
         critic_def, critic_params = _split(critic)
         del critic
     rewards = load_rewards(cfg, mesh=meshes.get("reward", mesh), compute_dtype=compute_dtype)
