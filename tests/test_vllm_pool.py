@@ -192,7 +192,8 @@ def test_weight_sync_matches_the_jax_sampler_and_restores(pool, tiny):
 def test_lora_adapter_versions_match_the_merged_jax_model(tiny):
     """An engine started with LoRA support (rank 4 -> vLLM's 8) takes the trainer's base once, then each adapter
     version as a PEFT directory (a new LoRA request id): its greedy tokens and log-probs equal the JAX model with the
-    adapters merged; the previous version's directory is gone; close removes the rest."""
+    adapters merged; the previous version's directory is gone; a killed engine comes back with the base and the
+    current adapter; close removes the rest."""
     from converters.peft import WEIGHTS_NAME, save_adapter
     from jaxrlhf.models.lora import LINEAR_MODULES, LoraSpec, apply_lora, merge
 
@@ -223,6 +224,10 @@ def test_lora_adapter_versions_match_the_merged_jax_model(tiny):
             outputs.append([c.token_ids for c in got])
         assert outputs[0] != outputs[1]  # the second version is the one generating
         assert not os.path.exists(dirs[0]) and os.path.exists(dirs[1])
+        old_pid = pool.pids[0]  # killed: Ray restarts it, and it gets the base and the current adapter back
+        os.kill(old_pid, signal.SIGKILL)
+        assert [c.token_ids for c in pool.generate(PROMPTS, GREEDY)] == outputs[1]
+        assert pool.pids[0] != old_pid
     finally:
         pool.close()
     assert not os.path.exists(dirs[1])

@@ -432,6 +432,7 @@ class VLLMPool:
                     placement_group_capture_child_tasks=True)).remote(i, plain, on_gpu))
         self.pids: list[Optional[int]] = [None] * cfg.num_engines
         self._down: dict[int, Any] = {}  # engine -> pending ready() ref while Ray restarts it
+        self._deaths = [0] * cfg.num_engines  # deaths seen per engine (Ray restarts it max_restarts times)
         self._weights: list = []  # (actor method, args) per bucket of the latest ray-backend sync (restarts)
         self._files: Optional[_SharedFiles] = None  # same-node buckets (created at the first sync)
         self._nodes: dict[int, tuple] = {}  # engine -> (pid, Ray node id) of its current process
@@ -644,10 +645,16 @@ class VLLMPool:
             ready, _ = ray.wait([ref], timeout=0)
             if ready:
                 self._revive(e, ref)
-        if len(self._down) == len(self._actors):  # nothing alive: wait for Ray to restart one
-            e, ref = next(iter(self._down.items()))
-            ray.wait([ref], timeout=_START_TIMEOUT_S)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while len(self._down) == len(self._actors) and time.monotonic() < deadline and any(
+                self._deaths[e] <= self.cfg.max_restarts for e in self._down):
+            # nothing alive: wait for Ray to restart one (ready() calls fail while it restarts: _revive sends
+            # another; an engine that died more often than max_restarts is not coming back)
+            e, ref = next((e, r) for e, r in self._down.items() if self._deaths[e] <= self.cfg.max_restarts)
+            ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
             self._revive(e, ref)
+            if e in self._down:
+                time.sleep(1.0)
         live = [e for e in range(len(self._actors)) if e not in self._down and (include_stale or e not in self._stale)]
         if not live and self._down:
             raise RuntimeError(f"no vLLM engine is alive: engine(s) {sorted(self._down)} died and Ray did not bring "
@@ -669,6 +676,7 @@ class VLLMPool:
         print(f"[vllm] engine {e} restarted (pid {pid}) and received the current weights", file=sys.stderr)
 
     def _mark_down(self, e: int) -> None:
+        self._deaths[e] += 1
         print(f"[vllm] engine {e} (pid {self.pids[e]}) died; its requests go to the other engines while Ray "
               f"restarts it", file=sys.stderr)
         self._down[e] = self._actors[e].ready.remote()
