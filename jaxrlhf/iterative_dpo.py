@@ -126,6 +126,21 @@ def sample_and_score(cfg: IterativeDPOConfig, k: int, *, engine, tokenizer, data
     return rows, {**reward_stats(rows), **extra}
 
 
+def _policy_model(cfg: IterativeDPOConfig, mesh, policy: str):
+    """The policy to train from ``policy`` (``load_model``: with LoRA, adapters on it). After the first iteration
+    ``policy`` is the merged export of the previous one: with --lora_path it gets fresh adapters of that adapter's
+    shape (the adapter itself is already merged in)."""
+    from jaxrlhf.train.supervised import load_model
+
+    if cfg.lora_path and policy != cfg.pretrain:
+        from converters.peft import read_spec
+
+        spec = read_spec(cfg.lora_path)
+        cfg = dataclasses.replace(cfg, lora_path=None, lora_rank=spec.rank, lora_alpha=spec.alpha,
+                                  target_modules=list(spec.targets))
+    return load_model(cfg, mesh, head="lm", path=policy)
+
+
 def main(cfg: IterativeDPOConfig) -> dict:
     """Run the loop; returns ``{"iterations": rows of iterations.jsonl, "policy": the final policy's directory}``."""
     from jaxrlhf.train.supervised import setup_mesh
@@ -141,7 +156,8 @@ def main(cfg: IterativeDPOConfig) -> dict:
     from jaxrlhf.dpo import FORWARD_KEYS, REF_NAMES, make_dpo_loss, ref_logprobs
     from jaxrlhf.rewards import load_rewards
     from jaxrlhf.rollout.setup import load_prompts, make_engine
-    from jaxrlhf.train.supervised import data_parallel_size, fit, frozen_reference, load_model, \
+    from jaxrlhf.train.lora import plain_model, plain_params
+    from jaxrlhf.train.supervised import data_parallel_size, fit, frozen_reference, \
         load_tokenizer_for, reference_path
 
     # ---------------------------------------------------------------- data and every check before any compute
@@ -161,16 +177,16 @@ def main(cfg: IterativeDPOConfig) -> dict:
     prepare = frozen_reference(cfg, mesh, ref_path, ref_logprobs, keys=FORWARD_KEYS, names=REF_NAMES)
     loss_fn = make_dpo_loss(beta=cfg.beta, label_smoothing=cfg.label_smoothing, ipo=cfg.ipo,
                             nll_loss_coef=cfg.nll_loss_coef)
-    model = load_model(cfg, mesh, head="lm", path=policy)
+    model = _policy_model(cfg, mesh, policy)
     model_cfg = model.cfg
     rows_out = list(done)
     with contextlib.ExitStack() as run:
-        engine = make_engine(cfg, model=model, pretrain=cfg.pretrain, tokenizer=tokenizer, mesh=mesh,
+        engine = make_engine(cfg, model=plain_model(model, mesh), pretrain=cfg.pretrain, tokenizer=tokenizer, mesh=mesh,
                              prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, bf16=cfg.bf16,
                              seed=cfg.seed, prompt_buckets=None)
         run.callback(engine.close)
         if cfg.vllm_num_engines and (policy != cfg.pretrain or is_flax_checkpoint(cfg.pretrain)):
-            engine.update_weights(hf_entries(nnx.split(model)[1].to_pure_dict(), model_cfg))
+            engine.update_weights(hf_entries(plain_params(nnx.split(model)[1].to_pure_dict(), model.lora), model_cfg))
         for k in range(len(done), cfg.num_iterations):
             out_dir = iteration_dir(cfg, k)
             samples, stats = sample_and_score(cfg, k, engine=engine, tokenizer=tokenizer, data=data,
@@ -199,9 +215,10 @@ def main(cfg: IterativeDPOConfig) -> dict:
                       file=sys.stderr)
                 params = nnx.split(model)[1].to_pure_dict()
                 export_hf(params, model_cfg, iter_cfg.save_path, head="lm", aux_from=cfg.pretrain, overwrite=True)
-            engine.update_weights(hf_entries(params, model_cfg, gather=bool(cfg.vllm_num_engines)))
+            engine.update_weights(hf_entries(plain_params(params, model.lora), model_cfg,
+                                             gather=bool(cfg.vllm_num_engines)))
             policy = iter_cfg.save_path
-            model = load_model(cfg, mesh, head="lm", path=policy)  # the next DPO run's (fit donates its buffers)
+            model = _policy_model(cfg, mesh, policy)  # the next DPO run's (fit donates its buffers)
             rows_out.append({**row, "policy": policy, "settings": settings(cfg)})
             write_jsonl(os.path.join(cfg.save_path, ITERATIONS), rows_out)
         final = None

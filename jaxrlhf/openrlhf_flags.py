@@ -4,8 +4,10 @@
 of the flags its later releases added (``algo.advantage.is_correction_{level,mode,gating}``,
 ``actor.loss_agg_mode``): an OpenRLHF launch script or YAML file runs as it is. ``DEEPSPEED_ONLY``: the DeepSpeed,
 placement and kernel flags (classic and dotted spellings) that change nothing in the math here, each with the reason
-printed in the one notice line. Features that jaxrlhf does not have yet (LoRA, EMA, evaluation sets, agents) are
-deliberately in neither table: passing them is an unknown-flag error rather than a silent change of the run.
+printed in the one notice line. Features that jaxrlhf does not have yet (EMA, evaluation sets, agents) are
+deliberately in neither table: passing them is an unknown-flag error rather than a silent change of the run. LoRA
+takes the classic spellings (``--lora_rank``, ``--lora_alpha``, ``--target_modules``, ``--lora_dropout``,
+``--load_in_4bit``; train/lora.py); dotted LoRA names are not mapped (an unknown-flag error).
 """
 from __future__ import annotations
 

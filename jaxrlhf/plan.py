@@ -126,6 +126,7 @@ class ParamStats:
     score_per_device: int = 0  # the score head's elements one device holds (trained with LoRA too)
     linears_per_device: int = 0  # elements of the decoder layers' linear kernels one device holds
     nf4_bytes_per_device: int = 0  # ... as NF4 (QLoRA): codes [in/2, out] uint8 + absmax [in/64, out] fp32
+    nf4_dq_bytes_per_device: int = 0  # ... double-quantized: absmax int8 + [in/64, ceil(out/256)] fp32 + an offset
     experts: int = 0  # mixture of experts: routed expert elements, all experts of all sparse layers, unsharded
     experts_per_device: int = 0  # ... one device holds (split over expert x fsdp x tensor)
     active: int = 0  # elements one token's forward uses (all but the experts it is not routed to)
@@ -192,6 +193,8 @@ def param_stats(model: ModelConfig, head: str, mesh: MeshSpec, *, what: str = "-
                       score_per_device=per_device([(p, s) for p, s in outer if p == "score/kernel"]),
                       linears_per_device=layers(lambda e: per_device(linears(e))),
                       nf4_bytes_per_device=layers(lambda e: per_device(nf4_codes(e)) + 4 * per_device(nf4_scales(e))),
+                      nf4_dq_bytes_per_device=layers(lambda e: per_device(nf4_codes(e)) + per_device(nf4_scales(e)) + sum(
+                          4 * (max(1, s[0] // 64) * -(-s[1] // 256) + 1) for _, s in linears(e))),  # 2nd level replicated
                       experts=experts, experts_per_device=layers(lambda e: per_device([x for x in e if is_expert(x[0])])),
                       active=total - experts + round(experts * k_over_e), layer_gathered=gathered)
 
@@ -230,6 +233,7 @@ class Role:
     lora_rank: int = 0  # > 0: only LoRA adapters (+ a score head) are trained; the base is frozen
     lora_targets: tuple[str, ...] = ()
     load_in_4bit: bool = False  # QLoRA: the layers' linear kernels stored as NF4 codes + block scales
+    double_quant: bool = False  # ... with the block scales double-quantized (models/nf4.py)
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,8 @@ def role_memory(role: Role) -> RoleMemory:
     cast = N * c if c < p else 0
     stored = N * p
     if role.load_in_4bit:  # NF4 kernels: codes + block scales, dequantized one layer at a time (in "gathered")
-        stored = (N - st.linears_per_device) * p + st.nf4_bytes_per_device
+        stored = (N - st.linears_per_device) * p + (st.nf4_dq_bytes_per_device if role.double_quant else
+                                                    st.nf4_bytes_per_device)
         cast = (N - st.linears_per_device) * c if c < p else 0
     gathered = (2 * st.layer_gathered + st.head) // t * c
     # LoRA: optimizer state and gradients for the adapters (fp32) and a score head only; no layer gradient in flight
@@ -579,19 +584,24 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
 
     actor_cfg = ModelConfig.from_dir(cfg.pretrain)
     chunk = min(cfg.logits_chunk_size, cfg.generate_max_len)  # train/ppo_step.py: the head runs chunk by chunk
+    lora = _lora_of(cfg)  # LoRA on the actor and the critic (adapters-only optimizer state; NF4 base with QLoRA)
     roles = [Role("actor", actor_cfg, "lm", main, trained=True, param_bytes=4, compute_bytes=c,
                   remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,
-                  forward_rows=cfg.micro_rollout_batch_size, seq_len=T, logit_positions=chunk)]
+                  forward_rows=cfg.micro_rollout_batch_size, seq_len=T, logit_positions=chunk, **lora)]
+    if lora:
+        lines.append(f"LoRA r={lora['lora_rank']} on {','.join(lora['lora_targets'])} (actor and critic)"
+                     f"{', NF4 base' if lora['load_in_4bit'] else ''}; the reference is the actor's base with its "
+                     "adapters off (no parameters of its own)")
     from jaxrlhf.advantages import ESTIMATORS
 
     if ESTIMATORS[cfg.advantage_estimator].critic:
         src = cfg.critic_pretrain or (cfg.reward_pretrain.split(",")[0] if cfg.reward_pretrain else cfg.pretrain)
         roles.append(Role("critic", ModelConfig.from_dir(src), "score", main, trained=True, param_bytes=4,
                           compute_bytes=c, remat=cfg.gradient_checkpointing, train_rows=cfg.micro_train_batch_size,
-                          forward_rows=cfg.micro_rollout_batch_size, seq_len=T))
+                          forward_rows=cfg.micro_rollout_batch_size, seq_len=T, **lora))
     if cfg.init_kl_coef > 0 or cfg.use_kl_loss:
         p = place.get("ref", place["main"])
-        roles.append(Role("ref", actor_cfg, "lm", p.spec, p.first, param_bytes=c, compute_bytes=c,
+        roles.append(Role("ref", actor_cfg, "lm", p.spec, p.first, param_bytes=0 if lora else c, compute_bytes=c,
                           offload=cfg.ref_offload, forward_rows=cfg.micro_rollout_batch_size, seq_len=T,
                           mesh_flag="--ref_mesh" if "ref" in place else "--mesh", logit_positions=chunk))
     for i, path in enumerate(cfg.reward_pretrain.split(",") if cfg.reward_pretrain else []):
@@ -622,6 +632,22 @@ def plan_ppo(cfg, *, processes: Optional[int] = None) -> Plan:
                       sampler=sampler, vllm_sync=bool(cfg.vllm_num_engines), lines=lines)
 
 
+def _lora_of(cfg) -> dict:
+    """The LoRA fields of a ``Role`` from a config's LoRA flags ({} without LoRA)."""
+    if not (getattr(cfg, "lora_rank", 0) or getattr(cfg, "lora_path", None)):
+        return {}
+    from jaxrlhf.models.lora import parse_targets
+
+    rank, targets = cfg.lora_rank, parse_targets(cfg.target_modules)
+    if cfg.lora_path:
+        from converters.peft import read_spec
+
+        spec = read_spec(cfg.lora_path)
+        rank, targets = spec.rank, spec.targets
+    return dict(lora_rank=rank, lora_targets=tuple(targets), load_in_4bit=cfg.load_in_4bit,
+                double_quant=cfg.bnb_4bit_use_double_quant)
+
+
 PPO_KNOBS = {"remat": "--gradient_checkpointing", "train_rows": "--micro_train_batch_size",
              "forward_rows": "--micro_rollout_batch_size", "seq": "--prompt_max_len / --generate_max_len",
              "sampler": "generate on vLLM engines (--vllm_num_engines N) or lower --rollout_batch_size x "
@@ -641,7 +667,8 @@ def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, 
                     gradient_checkpointing: bool, device_memory_gb: Optional[float], head: str = "lm",
                     ref_path: Optional[str] = None, ref_micro_batch_size: Optional[int] = None,
                     train_batch_size: Optional[int] = None, processes: int = 1, lora_rank: int = 0,
-                    lora_targets: tuple[str, ...] = (), load_in_4bit: bool = False) -> Plan:
+                    lora_targets: tuple[str, ...] = (), load_in_4bit: bool = False,
+                    double_quant: bool = False) -> Plan:
     """The plan of an offline trainer (SFT, RM, DPO, KTO): one trained ``policy`` and an optional frozen ``ref``
     (DPO/KTO reference log-probs) on the same mesh. ``micro_train_batch_size`` counts rows per data-parallel rank
     (a DPO pair is 2 rows: pass 2 x the pair count). ``lora_rank`` > 0: the policy trains LoRA adapters on
@@ -658,17 +685,19 @@ def plan_supervised(model_path: str, mesh: str, *, micro_train_batch_size: int, 
                      f"{micro_train_batch_size} x dp {dp}; T = --max_len {max_len}")
     policy = Role("policy", ModelConfig.from_dir(model_path), head, spec, trained=True, compute_bytes=c,
                   remat=gradient_checkpointing, train_rows=micro_train_batch_size, seq_len=max_len,
-                  lora_rank=lora_rank, lora_targets=tuple(lora_targets), load_in_4bit=load_in_4bit)
+                  lora_rank=lora_rank, lora_targets=tuple(lora_targets), load_in_4bit=load_in_4bit,
+                  double_quant=double_quant)
     roles = [policy]
     if lora_rank:
         lora = role_memory(policy)
-        full = role_memory(dataclasses.replace(policy, lora_rank=0, load_in_4bit=False))
+        full = role_memory(dataclasses.replace(policy, lora_rank=0, load_in_4bit=False, double_quant=False))
         lines.append(f"LoRA r={lora_rank} on {','.join(lora_targets)}: {lora.stats.adapters:,} adapter parameters "
                      f"({100 * lora.stats.adapters / lora.stats.total:.2f}% of {lora.stats.total:,}); optimizer state "
                      f"per device {gib(lora.optimizer)} (full fine-tuning: {gib(full.optimizer)}), gradients "
                      f"{gib(lora.grads)} (full: {gib(full.grads)})")
         if load_in_4bit:
-            lines.append(f"QLoRA: NF4 base, parameters per device {gib(lora.params)} (fp32 base: "
+            lines.append(f"QLoRA: NF4 base{' (double-quantized scales)' if double_quant else ''}, parameters per "
+                         f"device {gib(lora.params)} (fp32 base: "
                          f"{gib(role_memory(dataclasses.replace(policy, load_in_4bit=False)).params)})")
     if ref_path:
         roles.append(Role("ref", ModelConfig.from_dir(ref_path), "lm", spec, param_bytes=c, compute_bytes=c,

@@ -29,11 +29,13 @@ from jaxrlhf.cli import arg, error_text, parse_config
 from jaxrlhf.openrlhf_flags import DEEPSPEED_ONLY, OPENRLHF_ALIASES
 from jaxrlhf.rewards import RewardFlags
 from jaxrlhf.rollout.setup import PromptFlags, RolloutFlags, check_rollout_flags
+from jaxrlhf.train.lora import LoraFlags
 from jaxrlhf.train.run import RunFlags, at_least_one
 
 
 @dataclass
-class PPOConfig(RunFlags, RolloutFlags, PromptFlags, RewardFlags):  # + the shared run, engine, prompt, reward flags
+class PPOConfig(RunFlags, RolloutFlags, PromptFlags, RewardFlags, LoraFlags):  # + the shared run, engine, prompt,
+    # reward flags and LoRA's (train/lora.py: the same --lora_rank etc. apply to the actor and the critic)
     ALIASES: ClassVar[dict] = OPENRLHF_ALIASES
     IGNORED: ClassVar[dict] = DEEPSPEED_ONLY
     # ---- models (+ the reward flags: rewards.RewardFlags; the prompt flags: rollout.setup.PromptFlags)
@@ -119,6 +121,10 @@ class PPOConfig(RunFlags, RolloutFlags, PromptFlags, RewardFlags):  # + the shar
     def __post_init__(self):
         super().__post_init__()
         check_rollout_flags(self)
+        self.check_lora()
+        if self.uses_lora and (self.ref_mesh or self.ref_offload):
+            raise ValueError("with LoRA the reference model is the actor's own base (adapters off), not a second "
+                             "copy: drop --ref_mesh / --ref_offload")
         at_least_one(self, "rollout_batch_size", "n_samples_per_prompt", "micro_rollout_batch_size", "num_episodes",
                      "prompt_max_len", "generate_max_len", "kl_horizon", "logits_chunk_size")
         if self.eps_clip_low_high is not None and len(self.eps_clip_low_high) != 2:
@@ -269,7 +275,7 @@ def main(cfg: PPOConfig) -> dict:
                     state, exp, actor_step=p.actor_step if train_actor else None, critic_step=p.critic_step,
                     train_batch_size=cfg.train_batch_size, micro_batch=cfg.micro_train_batch_size * p.dp,
                     max_epochs=cfg.max_epochs, seed=cfg.seed, use_kl_loss=cfg.use_kl_loss, on_policy=p.on_policy,
-                    rollout_logp=cfg.is_correction.on, timer=timer)
+                    rollout_logp=cfg.is_correction.on, timer=timer, dropout_key=cfg.dropout_rng(step))
             if train_actor:
                 with timer("sync"):
                     pending.update(p.client.sync(state.actor))
@@ -300,12 +306,22 @@ def main(cfg: PPOConfig) -> dict:
     if jax.process_index() == 0:
         out["plot"] = os.path.join(cfg.save_path, "ppo_metrics.png")
         plot_metrics(out["log"], ["reward", "kl", "response_length"], out["plot"])
+    from converters.peft import save_adapter
+    from jaxrlhf.train.lora import plain_params
+
     for role, params, head in (("actor", state.actor, "lm"), ("critic", state.critic, "score")):
         if params is not None:  # every process: sharded tensors are gathered one by one; process 0 writes
-            path = export_hf(params, p.model_cfg, os.path.join(cfg.save_path, role), head=head, aux_from=cfg.pretrain,
-                             overwrite=True)
+            lora = p.lora.get(role)  # LoRA: the merged model (+ the PEFT adapter with --lora_save_adapter)
+            path = export_hf(plain_params(params, lora), p.model_cfg, os.path.join(cfg.save_path, role), head=head,
+                             aux_from=cfg.pretrain, overwrite=True)
+            adapter = None
+            if lora is not None and cfg.lora_save_adapter:
+                adapter = save_adapter(params, p.model_cfg, lora, os.path.join(cfg.save_path, role, "lora_adapter"),
+                                       base_model=cfg.pretrain, dropout=cfg.lora_dropout)
             if jax.process_index() == 0:
                 out[role] = path
+                if adapter:
+                    out[f"{role}_lora_adapter"] = adapter
     return out
 
 

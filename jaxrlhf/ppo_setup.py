@@ -34,6 +34,8 @@ class Parts:
     critic_step: Callable | None
     forwards: list  # (names, jitted ({name: params}, rows) -> {name: [b, R]}): old_logp, ref_logp, values
     ref_params: Any
+    ref_zero_b: Any  # with LoRA: the zero lora_b leaves that turn the actor into the reference (else None)
+    lora: dict  # role -> its LoraSpec (actor / critic with LoRA), for the export
     reward_models: Any
     remote_reward: Any
     client: Any  # RolloutClient
@@ -58,6 +60,24 @@ def _split(model):
 
 def _critic_source(cfg) -> str:
     return cfg.critic_pretrain or (cfg.reward_pretrain.split(",")[0] if cfg.reward_pretrain else cfg.pretrain)
+
+
+def _critic(cfg, mesh, actor_lora):
+    """The critic (value head on ``_critic_source``); with a LoRA actor, fresh adapters of the actor's shape on it
+    (OpenRLHF: the same LoRA flags for both), on an NF4 base too with --load_in_4bit."""
+    import jax.numpy as jnp
+
+    from jaxrlhf.models import from_pretrained
+    from jaxrlhf.train.lora import add_lora
+
+    critic = from_pretrained(_critic_source(cfg), mesh=mesh, dtype=jnp.float32, head="score",
+                             value_head_prefix=cfg.value_head_prefix, remat=cfg.gradient_checkpointing, seed=cfg.seed)
+    if actor_lora is None:
+        return critic
+    return add_lora(critic, lora_rank=actor_lora.rank, lora_alpha=actor_lora.alpha,
+                    target_modules=list(actor_lora.targets), lora_path=None, seed=cfg.seed + 1, mesh=mesh,
+                    load_in_4bit=cfg.load_in_4bit, lora_dropout=cfg.lora_dropout,
+                    double_quant=cfg.bnb_4bit_use_double_quant)
 
 
 def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
@@ -96,19 +116,27 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
               "taken from the update's own forward (stop-gradient; same gradient) and the experience pass skips "
               "the actor", file=sys.stderr)
 
-    actor = from_pretrained(cfg.pretrain, mesh=mesh, dtype=jnp.float32, head="lm", remat=cfg.gradient_checkpointing)
-    model_cfg = actor.cfg
+    actor = cfg.attach_lora(from_pretrained(cfg.pretrain, mesh=mesh, dtype=jnp.float32, head="lm",
+                                            remat=cfg.gradient_checkpointing), mesh=mesh)
+    model_cfg, lora = actor.cfg, {"actor": actor.lora}
     actor_def, actor_params = _split(actor)
-    ref_def = ref_params = None
-    if cfg.needs_reference:  # a separate frozen copy (the actor's buffers are donated on update), in the compute
+    ref_def = ref_params = ref_zero_b = None
+    if cfg.needs_reference and actor.lora is not None:  # the actor's own base: its arrays with B = 0 (no 2nd copy)
+        from jaxrlhf.models.lora import zero_adapters
+
+        ref_zero_b = zero_adapters(actor_params)
+        print("[ppo] LoRA: the reference model is the actor's base (its adapters off), no second copy",
+              file=sys.stderr)
+    elif cfg.needs_reference:  # a separate frozen copy (the actor's buffers are donated on update), in the compute
         # dtype; on its own devices with --ref_mesh, in host memory between experience passes with --ref_offload
         ref_def, ref_params = _split(from_pretrained(cfg.pretrain, mesh=meshes.get("ref", mesh), head="lm",
                                                      dtype=compute_dtype or jnp.float32))
     critic_def = critic_params = None
     if ESTIMATORS[cfg.advantage_estimator].critic:
-        critic_def, critic_params = _split(from_pretrained(
-            _critic_source(cfg), mesh=mesh, dtype=jnp.float32, head="score", value_head_prefix=cfg.value_head_prefix,
-            remat=cfg.gradient_checkpointing, seed=cfg.seed))
+        critic = _critic(cfg, mesh, actor.lora)
+        lora["critic"] = critic.lora
+        critic_def, critic_params = _split(critic)
+        del critic
     rewards = load_rewards(cfg, mesh=meshes.get("reward", mesh), compute_dtype=compute_dtype)
     reward_models, remote_reward = rewards["reward_models"], rewards["remote_reward"]
     if reward_models is not None and cfg.reward_offload:
@@ -116,11 +144,16 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
 
     steps = _compile(cfg, mesh=mesh, ref_mesh=meshes.get("ref"), actor=(actor_def, actor_params),
                      ref=(ref_def, ref_params), critic=(critic_def, critic_params), compute_dtype=compute_dtype,
-                     total_updates=max(1, total_steps * updates_per_step), on_policy=on_policy)
+                     total_updates=max(1, total_steps * updates_per_step), on_policy=on_policy,
+                     lora=lora, ref_from_actor=ref_zero_b is not None)
     if ref_params is not None and cfg.ref_offload:
         ref_params = placement.offload(ref_params)
+    if not cfg.vllm_num_engines:  # the JAX sampler takes HF-named weights: a plain model (LoRA merged)
+        from jaxrlhf.train.lora import plain_model
+
+        actor = plain_model(actor, mesh)
     client = _client(cfg, actor, tokenizer, mesh, data, probe_forward=steps.pop("probe"), chunk=(
-        cfg.micro_rollout_batch_size * dp), model_cfg=model_cfg, run=run)
+        cfg.micro_rollout_batch_size * dp), model_cfg=model_cfg, run=run, lora=lora["actor"])
     del actor  # the engine and actor_params hold what is needed
     pipeline = _pipeline(cfg, client, run)
 
@@ -128,17 +161,22 @@ def build(cfg, meshes: dict, run: contextlib.ExitStack) -> Parts:
                      critic_opt=steps.pop("critic_opt"), kl_coef=cfg.init_kl_coef)
     ckpt, logger, state, fingerprint = _resume(cfg, run, state, batches, data, total_steps, pipeline, mesh)
     return Parts(data=data, batches=batches, total_steps=total_steps, updates_per_step=updates_per_step,
-                 on_policy=on_policy, dp=dp, mesh=mesh, pipeline=pipeline,
+                 on_policy=on_policy, dp=dp, mesh=mesh, pipeline=pipeline, ref_zero_b=ref_zero_b, lora=lora,
                  model_cfg=model_cfg, tokenizer=tokenizer, state=state, ref_params=ref_params,
                  reward_models=reward_models, remote_reward=remote_reward, client=client, ckpt=ckpt, logger=logger,
                  fingerprint=fingerprint, **steps)
 
 
-def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_updates: int, on_policy: bool) -> dict:
-    """The jitted pieces: actor/critic train steps and their optimizer states, the frozen forwards, the probe."""
+def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_updates: int, on_policy: bool,
+             lora: dict, ref_from_actor: bool) -> dict:
+    """The jitted pieces: actor/critic train steps and their optimizer states, the frozen forwards, the probe.
+    A role in ``lora`` trains its adapters only (+ the critic's value head): the frozen base has no gradient and no
+    optimizer state. ``ref_from_actor``: the reference log-probs come from the actor's program and parameters (with
+    its adapters zeroed, ``Parts.ref_zero_b``)."""
     from jaxrlhf.train import ppo_step
+    from jaxrlhf.train.lora import trainable_with_lora
     from jaxrlhf.train.optim import make_optimizer
-    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step
+    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, split_params
 
     eps_low, eps_high = cfg.eps_clip_low_high or (cfg.eps_clip, cfg.eps_clip)
     policy_loss = ppo_step.policy_loss_fn(temperature=cfg.temperature, eps_clip_low=eps_low,
@@ -150,29 +188,32 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
                                           kl_unbiased_gradient=cfg.kl_unbiased_gradient)
     logprobs = ppo_step.logprob_fn(temperature=cfg.temperature, chunk=cfg.logits_chunk_size)
 
-    def trainer(graphdef, params, loss_fn, lr):
+    def trainer(graphdef, params, loss_fn, lr, role, head):
         tx, schedule = make_optimizer(learning_rate=lr, total_steps=total_updates, warmup_ratio=cfg.lr_warmup_ratio,
                                       min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.l2,
                                       betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
-        opt = init_optimizer(tx, params, mesh)
+        trainable = trainable_with_lora(head) if lora.get(role) is not None else None
+        opt = init_optimizer(tx, split_params(params, trainable)[0], mesh)
         return make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt, mesh=mesh,
-                               compute_dtype=compute_dtype, aux_loss_coef=cfg.aux_loss_coef,
+                               compute_dtype=compute_dtype, trainable=trainable, aux_loss_coef=cfg.aux_loss_coef,
                                router_z_loss_coef=cfg.router_z_loss_coef), opt, schedule
 
     (actor_def, actor_params), (ref_def, ref_params), (critic_def, critic_params) = actor, ref, critic
     out: dict = {"critic_step": None, "critic_opt": None}
     out["actor_step"], out["actor_opt"], out["actor_lr"] = trainer(actor_def, actor_params, policy_loss,
-                                                                   cfg.actor_learning_rate)
+                                                                   cfg.actor_learning_rate, "actor", "lm")
     # The experience pass: the roles on the main mesh in ONE program per micro-batch (one dispatch, one transfer
     # of the results); a reference on its own --ref_mesh in a second one. Only shapes/shardings are kept here.
     defs, fns, shapes = ({}, {}, {}) if on_policy else ({"old_logp": actor_def}, {"old_logp": logprobs},
                                                         {"old_logp": actor_params})
-    if ref_params is not None and ref_mesh is None:
+    if ref_from_actor:
+        defs["ref_logp"], fns["ref_logp"], shapes["ref_logp"] = actor_def, logprobs, _abstract(actor_params)
+    elif ref_params is not None and ref_mesh is None:
         defs["ref_logp"], fns["ref_logp"], shapes["ref_logp"] = ref_def, logprobs, _abstract(ref_params)
     if critic_params is not None:
         out["critic_step"], out["critic_opt"], _ = trainer(
             critic_def, critic_params, ppo_step.value_loss_fn(value_clip=cfg.value_clip),
-            cfg.critic_learning_rate)
+            cfg.critic_learning_rate, "critic", "score")
         defs["values"], fns["values"], shapes["values"] = critic_def, ppo_step.value_fn(), _abstract(critic_params)
     out["forwards"] = [(tuple(defs), make_forward(defs, _each(fns), params=shapes, mesh=mesh,
                                                   compute_dtype=compute_dtype))] if defs else []
@@ -196,15 +237,15 @@ def _abstract(tree):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, model_cfg, run):
+def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, model_cfg, run, lora=None):
     """The rollout engine (JAX sampler or vLLM pool, closed by ``run``) behind a ``RolloutClient``."""
     from jaxrlhf.rollout.client import RolloutClient
-    from jaxrlhf.rollout.setup import engine_dtype, make_engine
+    from jaxrlhf.rollout.setup import engine_dtype, lora_sync_mode, make_engine
     from jaxrlhf.rollout.sync_check import default_tolerance
 
     engine = make_engine(cfg, model=actor, pretrain=cfg.pretrain, tokenizer=tokenizer, mesh=mesh,
                          prompt_max_len=cfg.prompt_max_len, generate_max_len=cfg.generate_max_len, bf16=cfg.bf16,
-                         seed=cfg.seed, prompt_buckets=cfg.buckets)
+                         seed=cfg.seed, prompt_buckets=cfg.buckets, lora=lora)
     if engine is not None:
         run.callback(engine.close)
     return RolloutClient(
@@ -212,7 +253,7 @@ def _client(cfg, actor, tokenizer, mesh, data, *, probe_forward, chunk: int, mod
         pad_id=tokenizer.pad_token_id, prompt_len=cfg.prompt_max_len, response_len=cfg.generate_max_len,
         sync_check=cfg.vllm_sync_check, probe_prompts=data.batch(list(range(min(4, len(data)))))[1],
         probe_forward=probe_forward, chunk=chunk, tolerance=default_tolerance(engine_dtype(cfg, cfg.bf16)),
-        length_buckets=cfg.buckets)
+        length_buckets=cfg.buckets, lora=lora, lora_sync=lora_sync_mode(cfg, engine, lora))
 
 
 def _pipeline(cfg, client, run):
@@ -263,7 +304,7 @@ def _resume(cfg, run, state, batches, data, total_steps: int, pipeline, mesh):
     ckpt = run.enter_context(Checkpointer(cfg.ckpt_path, max_to_keep=cfg.max_ckpt_num))
     fingerprint = {"trainer": "ppo", "--seed": cfg.seed, "--rollout_batch_size": cfg.rollout_batch_size,
                    "--n_samples_per_prompt": cfg.n_samples_per_prompt, "--train_batch_size": cfg.train_batch_size,
-                   "--max_epochs": cfg.max_epochs,
+                   "--max_epochs": cfg.max_epochs, "LoRA": cfg.lora_fingerprint(),
                    "--prompt_data": data_fingerprint(data.batch(list(range(min(64, len(data)))))[1], len(data))}
     last = resume_step(ckpt, ckpt_path=cfg.ckpt_path, load_checkpoint=cfg.load_checkpoint, fingerprint=fingerprint,
                        allow_config_change=cfg.allow_config_change)
@@ -443,6 +484,10 @@ def make_experience_step(cfg, p: Parts, state, batch: Batch, raw, info: dict, ti
     rollout = batch.rollout
     chunk = cfg.micro_rollout_batch_size * p.dp
     ref = placement.onload(p.ref_params) if cfg.ref_offload and p.ref_params is not None else p.ref_params
+    if p.ref_zero_b is not None:  # LoRA: the actor's current arrays, adapters off
+        from jaxrlhf.models.lora import adapters_off
+
+        ref = adapters_off(state.actor, p.ref_zero_b)
     params = {"old_logp": state.actor, "ref_logp": ref, "values": state.critic}
     with timer("experience_forward"):
         outs = forward_in_chunks([lambda rows, f=f, names=names: f({k: params[k] for k in names}, rows)

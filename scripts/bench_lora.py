@@ -9,7 +9,8 @@ Both variants run ``jaxrlhf.sft.sft_loss`` through ``train.steps.make_train_step
 trained parameters, optimizer-state bytes (every array leaf of the optax state, summed), and the median step time
 of ``--steps`` steps after ``--warmup`` untimed ones (JAX compiles there), the variants interleaved; each step
 ends with ``jax.block_until_ready`` on the new parameters and the loss copied to the host. ``--qlora`` adds QLoRA
-(NF4 base, models/nf4.py): its parameter bytes and the forward's relative logits error against the fp32 base.
+(NF4 base, models/nf4.py), with and without double-quantized scales (qlora-dq): their parameter bytes and the
+forward's relative logits error against the fp32 base.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_sft import BETAS, EPS, LR, MAX_NORM, make_batch  # noqa: E402  (scripts/ is not a package)
 
 
-def stepper(model_dir: str, mesh, ids, loss_mask, rank: int, *, four_bit: bool = False, reference=None):
+def stepper(model_dir: str, mesh, ids, loss_mask, rank: int, *, four_bit: bool = False, reference=None,
+            double_quant: bool = False):
     """(step() -> seconds, {trained parameters, optimizer bytes, parameter bytes}) for full fine-tuning (rank 0),
     LoRA, or QLoRA (``four_bit``: NF4 base; with ``reference`` fp32 logits, the 4-bit forward's relative error)."""
     import jax
@@ -38,7 +40,7 @@ def stepper(model_dir: str, mesh, ids, loss_mask, rank: int, *, four_bit: bool =
     from jaxrlhf.sft import sft_loss
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.steps import init_optimizer, make_train_step, split_params, stack_micro_batches
-    from jaxrlhf.train.supervised import trainable_with_lora
+    from jaxrlhf.train.lora import trainable_with_lora
 
     model = from_pretrained(model_dir, mesh=mesh, dtype=np.float32)
     trainable = None
@@ -46,7 +48,7 @@ def stepper(model_dir: str, mesh, ids, loss_mask, rank: int, *, four_bit: bool =
     if four_bit:
         from jaxrlhf.models.nf4 import quantize_base
 
-        quantize_base(model, mesh=mesh)
+        quantize_base(model, mesh=mesh, double_quant=double_quant)
         if reference is not None:
             got = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
             forward_error = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
         del base
         variants[f"qlora r={args.rank}"] = stepper(args.model, mesh, ids, loss_mask, args.rank, four_bit=True,
                                                    reference=reference)
+        variants[f"qlora-dq r={args.rank}"] = stepper(args.model, mesh, ids, loss_mask, args.rank, four_bit=True,
+                                                      reference=reference, double_quant=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     losses: dict[str, list[float]] = {k: [] for k in variants}
     for name, (step, _) in variants.items():
@@ -143,10 +147,10 @@ def main(argv=None) -> int:
               f"{r['first_loss']:>7.4f}->{r['last_loss']:.4f}")
     full, lora = rows[:2]
     if args.qlora:
-        q = rows[2]
-        print(f"QLoRA: parameters {q['parameter_bytes'] / 2**20:.1f} MiB vs {lora['parameter_bytes'] / 2**20:.1f} MiB "
-              f"with the fp32 base; forward logits relative error of the NF4 base vs fp32: "
-              f"{q['forward_rel_error_vs_fp32']:.4f}")
+        for q in rows[2:]:
+            print(f"{q['variant']}: parameters {q['parameter_bytes'] / 2**20:.1f} MiB vs "
+                  f"{lora['parameter_bytes'] / 2**20:.1f} MiB with the fp32 base; forward logits relative error of "
+                  f"the NF4 base vs fp32: {q['forward_rel_error_vs_fp32']:.4f}")
     print(f"optimizer state: {full['optimizer_state_bytes'] / lora['optimizer_state_bytes']:.0f}x smaller with LoRA; "
           f"step time ratio full/LoRA {full['median_step_s'] / lora['median_step_s']:.2f}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

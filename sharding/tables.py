@@ -43,6 +43,8 @@ LLAMA_FAMILY = PartitionRules(
         (r"(self_attn/(q|k|v)_proj|mlp/(gate|up)_proj)/kernel_absmax$", P(None, ("tensor", "fsdp"))),
         (r"(self_attn/o_proj|mlp/down_proj)/kernel_nf4$", P("tensor", "fsdp")),
         (r"(self_attn/o_proj|mlp/down_proj)/kernel_absmax$", P(None, ("fsdp", "tensor"))),
+        # double-quantized scales: the int8 scales above, their fp32 block absmax (1/256 of them) and offset
+        (r"(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel_absmax_(scale|offset)$", P()),
     ),
 )
 

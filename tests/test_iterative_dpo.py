@@ -115,3 +115,16 @@ def test_on_a_vllm_engine_synced_by_broadcast_after_each_update(setup, monkeypat
     out = main(config(setup, setup / "vllm", vllm_num_engines=1, vllm_kv_cache_mb=64, final_eval=True))
     assert [r["iteration"] for r in out["iterations"]] == [0, 1] and len(synced) == 2  # after each update
     assert out["final"]["num_samples"] == 16 and os.path.exists(setup / "vllm" / "iter_2" / "samples.jsonl")
+
+
+def test_lora_policy_syncs_merged_weights_to_the_sampler(setup):
+    """--lora_rank: each iteration trains adapters on the previous (merged) policy; the sampler gets the merged
+    weights after every update (hf_entries refuses unmerged adapters), and each iteration's export is a plain model
+    that moved."""
+    out = main(config(setup, setup / "lora", lora_rank=4, lora_alpha=8.0, learning_rate=5e-3, max_epochs=1))
+    assert [r["iteration"] for r in out["iterations"]] == [0, 1]
+    first, second = (weights(setup / "lora" / f"iter_{k}" / "model") for k in (0, 1))
+    base = weights(setup / "model")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not any("lora" in n for n in first) and np.abs(first[name] - base[name]).max() > 1e-6
+    assert np.abs(second[name] - first[name]).max() > 1e-6

@@ -15,7 +15,7 @@ from flax import nnx
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.models.lora import LINEAR_MODULES, LoraSpec, apply_lora, merge, parse_targets
 from jaxrlhf.train.steps import init_optimizer, make_train_step, split_params
-from jaxrlhf.train.supervised import trainable_with_lora
+from jaxrlhf.train.lora import trainable_with_lora
 from sharding import make_mesh
 from tests.tiny import left_padded_batch, positions, save_tiny
 
@@ -208,7 +208,9 @@ def test_an_adapter_peft_wrote_loads_with_equal_logits(base, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--target_modules", "q_proj,qkv"], "--target_modules qkv: no such module in this model; the linear modules "
                                          "are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-    (["--lora_dropout", "0.1"], "adapter dropout is not implemented yet"),
+    (["--lora_dropout", "1.0"], "--lora_dropout must be in [0, 1), got 1.0"),
+    (["--bnb_4bit_use_double_quant", "--lora_rank", "4"], "--bnb_4bit_use_double_quant quantizes the scales of the "
+                                                          "4-bit base: add --load_in_4bit"),
     (["--lora_save_adapter"], "--lora_save_adapter needs LoRA: set --lora_rank"),
     (["--lora_rank", "-1"], "--lora_rank must be >= 0"),
 ])
@@ -228,3 +230,45 @@ def test_unmerged_adapters_are_not_exported_as_a_plain_model(base, tmp_path):
     with pytest.raises(ValueError, match="hold LoRA adapters: merge them first"):
         export_hf(nnx.state(model).to_pure_dict(), model.cfg, str(tmp_path / "out"), head="lm")
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_dropout_zero_is_exact_and_positive_changes_the_gradient_reproducibly(base):
+    """--lora_dropout: a step with a key but rate 0 equals the key-less step bit for bit; rate 0.5 changes the
+    adapters' update, the same key repeats it, another key does not."""
+    import dataclasses
+
+    from jaxrlhf.train.lora import trainable_with_lora
+
+    mesh = make_mesh("4x2")
+    ids, mask = left_padded_batch()
+    batch = {"ids": np.stack([ids, ids]), "mask": np.stack([mask, mask])}  # 2 micro-batches
+
+    def loss_fn(model, mb):
+        logits = model(mb["ids"], mb["mask"])
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * mb["mask"]), {}
+
+    def stepper(rate):
+        model = from_pretrained(base, mesh=mesh)
+        apply_lora(model, dataclasses.replace(SPEC, dropout=rate), seed=0, mesh=mesh)
+        graphdef, state = nnx.split(model)
+        params = state.to_pure_dict()
+        trainable = trainable_with_lora("lm")
+        tx = optax.sgd(1.0)
+        opt = init_optimizer(tx, split_params(params, trainable)[0], mesh)
+        step = make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt, mesh=mesh, trainable=trainable)
+        host = jax.tree_util.tree_map(np.asarray, (params, opt))
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, (params, opt))
+
+        def run(rng):  # from the same start every time (the step donates its inputs)
+            p, o = jax.tree_util.tree_map(jax.device_put, host, shardings)
+            new, _, _ = step(p, o, batch, rng)
+            return np.asarray(new["model"]["layers"][0]["mlp"]["up_proj"]["lora_b"])  # B's gradient sees dropout(x) A
+        return run
+
+    off, on = stepper(0.0), stepper(0.5)
+    plain = off(None)
+    np.testing.assert_array_equal(off(jax.random.key(3)), plain)
+    dropped = on(jax.random.key(3))
+    assert np.abs(dropped - plain).max() > 1e-6
+    np.testing.assert_array_equal(on(jax.random.key(3)), dropped)
+    assert np.abs(on(jax.random.key(4)) - dropped).max() > 1e-6

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from jaxrlhf.models import from_pretrained
-from jaxrlhf.models.nf4 import BLOCK, CODE, MAX_HALF_GAP, dequantize, quantize, quantize_base
+from jaxrlhf.models.nf4 import BLOCK, BLOCK2, CODE, MAX_HALF_GAP, dequantize, dequantize_scales, quantize, \
+    quantize_base, quantize_scales
 from tests.tiny import left_padded_batch, save_tiny
 
 
@@ -86,7 +87,7 @@ def test_qlora_on_a_mesh_only_adapters_train(tmp_path):
 
     from jaxrlhf.models.lora import LINEAR_MODULES, LoraSpec, apply_lora
     from jaxrlhf.train.steps import init_optimizer, make_train_step, split_params
-    from jaxrlhf.train.supervised import trainable_with_lora
+    from jaxrlhf.train.lora import trainable_with_lora
     from sharding import make_mesh
     from tests.test_lora import _lm_loss
 
@@ -119,3 +120,35 @@ def test_load_in_4bit_needs_lora(capsys):
         cli(["--pretrain", "x", "--load_in_4bit"])
     assert e.value.code == 2
     assert "--load_in_4bit (QLoRA) needs --lora_rank" in capsys.readouterr().err
+
+
+def test_double_quantized_scales_error_bound_and_bytes(tmp_path):
+    """--bnb_4bit_use_double_quant: scales in int8 per 256 with an fp32 block absmax and a mean offset. Scale error
+    <= m / 254, element error <= s * MAX_HALF_GAP + m / 254; the model's stored bytes per base parameter drop from
+    0.5625 to 0.5 + (1 + 4 * ceil(K/256) / K) / 64 (0.5159 for K a multiple of 256) and its logits barely move."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (512, 600)).astype(np.float32)  # K = 600: the last scale block is padded
+    codes, absmax = quantize(jnp.asarray(w))
+    q, m, c = quantize_scales(absmax)
+    assert q.dtype == jnp.int8 and q.shape == absmax.shape and m.shape == (512 // BLOCK, 3) and c.shape == ()
+    back_s = np.asarray(dequantize_scales(q, m, c))
+    per_col = np.repeat(np.asarray(m), BLOCK2, axis=1)[:, :600]
+    assert np.all(np.abs(back_s - np.asarray(absmax)) <= per_col / 254 + 1e-8)
+    assert np.abs(back_s - np.asarray(absmax)).max() > 0  # really 8-bit
+    back = np.asarray(dequantize(codes, jnp.asarray(back_s)))
+    bound = np.repeat(np.asarray(absmax), BLOCK, 0) * MAX_HALF_GAP + np.repeat(per_col, BLOCK, 0) / 254
+    assert np.all(np.abs(back - w) <= bound + 1e-7)
+    rel = np.sqrt(np.mean((back - w) ** 2) / np.mean(w**2))
+    single = np.sqrt(np.mean((np.asarray(dequantize(codes, absmax)) - w) ** 2) / np.mean(w**2))
+    assert rel < single * 1.01, (rel, single)  # the 8-bit scales add < 1% to NF4's own error
+
+    save_tiny("llama3", tmp_path / "m", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=64)
+    ids, mask = left_padded_batch()
+    one, two = (quantize_base(from_pretrained(str(tmp_path / "m")), double_quant=dq) for dq in (False, True))
+    lin = two.model.layers[0].mlp.up_proj  # [256, 512]
+    stored = sum(getattr(lin, n)[...].nbytes for n in ("kernel_nf4", "kernel_absmax", "kernel_absmax_scale",
+                                                       "kernel_absmax_offset"))
+    assert (stored - 4) / (256 * 512) == 0.5 + (1 + 4 / 256) / 64  # 0.5159 (+ one fp32 offset per kernel)
+    a, b = (np.asarray(mdl(jnp.asarray(ids), jnp.asarray(mask))) for mdl in (one, two))
+    assert np.abs(a - b).max() < 0.02 * np.abs(a).max()

@@ -312,7 +312,7 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
     from jaxrlhf.models.nf4 import quantize_base
     from jaxrlhf.plan import Role, role_memory
     from jaxrlhf.train.steps import init_optimizer, split_params
-    from jaxrlhf.train.supervised import trainable_with_lora
+    from jaxrlhf.train.lora import trainable_with_lora
     from sharding import make_mesh
     from tests.tiny import save_tiny
 
@@ -321,21 +321,39 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
     dev0 = mesh.devices.flat[0]
     targets = ("q_proj", "v_proj", "down_proj")
     cfg = ModelConfig.from_dir(str(tmp_path / "m"))
-    for head, four_bit in (("lm", False), ("score", False), ("lm", True)):
+    for head, four_bit, dq in (("lm", False, False), ("score", False, False), ("lm", True, False), ("lm", True, True)):
         model = from_pretrained(str(tmp_path / "m"), mesh=mesh, head=head)
         if four_bit:
-            quantize_base(model, mesh=mesh)
+            quantize_base(model, mesh=mesh, double_quant=dq)
         apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets), seed=0, mesh=mesh)
         params = nnx.split(model)[1].to_pure_dict()
         opt = init_optimizer(optax.adam(1e-3), split_params(params, trainable_with_lora(head))[0], mesh)
         real = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0
                    for s in x.addressable_shards if s.device == dev0)
         planned = role_memory(Role("policy", cfg, head, MeshSpec(fsdp=4, tensor=2), trained=True, lora_rank=4,
-                                   lora_targets=targets, load_in_4bit=four_bit))
+                                   lora_targets=targets, load_in_4bit=four_bit, double_quant=dq))
         assert planned.optimizer == real, head
         on_dev0 = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(params) for s in x.addressable_shards
                       if s.device == dev0)
         assert planned.params == on_dev0, head
+
+
+def test_ppo_dry_run_with_lora(dirs, capsys):
+    """PPO --lora_rank: the actor's optimizer state is the adapters' (as in the offline trainers' LoRA plan, checked
+    against real arrays above) and the reference holds no parameters of its own (the actor's base)."""
+    from jaxrlhf.cli import parse_config
+    from jaxrlhf.ppo import PPOConfig, main
+
+    argv = [f for f in FLAGS_70B if f != "--ref_offload"] + ["--dry_run", "--pretrain", str(dirs["70b"]),
+                                                             "--reward_pretrain", str(dirs["70b-rm"])]
+    full = {m.role.name: m for m in main(parse_config(PPOConfig, argv))["plan"].roles}
+    lora = {m.role.name: m for m in main(parse_config(PPOConfig, argv + ["--lora_rank", "16"]))["plan"].roles}
+    printed = capsys.readouterr().out
+    assert "LoRA r=16 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (actor and critic); the reference " \
+        "is the actor's base" in printed
+    assert lora["ref"].params == 0 < full["ref"].params
+    assert lora["actor"].params > full["actor"].params  # + the adapters
+    assert 0 < lora["actor"].optimizer < full["actor"].optimizer / 50
 
 
 def test_dry_run_shows_the_lora_saving(dirs, capsys):
@@ -355,3 +373,8 @@ def test_dry_run_shows_the_lora_saving(dirs, capsys):
     # embedding + untied head stay fp32: 2 x 128256 x 4096 x 4 B / 8 = 0.49 GiB; 6.98e9 linear elements x 0.5625 B / 8
     # = 0.46 GiB; the fp32 adapters 0.02 GiB
     assert "QLoRA: NF4 base, parameters per device 0.97 (fp32 base: 3.76)" in printed, printed
+    assert cli([*argv, "--lora_rank", "16", "--load_in_4bit", "--bnb_4bit_use_double_quant"]) == 0
+    printed = capsys.readouterr().out
+    # 6.98e9 x (0.5 + 1/64 + ~4/(64*256)) B / 8 = 0.42 GiB instead of 0.46
+    assert "QLoRA: NF4 base (double-quantized scales), parameters per device 0.93 (fp32 base: 3.76)" in printed, \
+        printed

@@ -188,6 +188,51 @@ def test_weight_sync_matches_the_jax_sampler_and_restores(pool, tiny):
     assert [c.token_ids for c in pool.generate(PROMPTS, GREEDY)] == before  # original weights, original output
 
 
+@pytest.mark.slow  # an engine with LoRA support of its own: ~85 s here
+def test_lora_adapter_versions_match_the_merged_jax_model(tiny):
+    """An engine started with LoRA support (rank 4 -> vLLM's 8) takes the trainer's base once, then each adapter
+    version as a PEFT directory (a new LoRA request id): its greedy tokens and log-probs equal the JAX model with the
+    adapters merged; the previous version's directory is gone; a killed engine comes back with the base and the
+    current adapter; close removes the rest."""
+    from converters.peft import WEIGHTS_NAME, save_adapter
+    from jaxrlhf.models.lora import LINEAR_MODULES, LoraSpec, apply_lora, merge
+
+    path, _ = tiny
+    spec = LoraSpec(rank=4, alpha=8.0, targets=LINEAR_MODULES)
+    model = apply_lora(from_pretrained(path), spec, seed=0)
+    params = _params(model)
+    pool = VLLMPool(PoolConfig(model=path, num_engines=1, dtype="float32", kv_cache_mb=64, eos_token_ids=(2,),
+                               request_timeout_s=120, max_lora_rank=4))
+    try:
+        assert pool.adapter_support(4) is None and "exceeds" in pool.adapter_support(16)
+        pool.update_weights(hf_entries(merge(params, None), model.cfg))
+        plain = from_pretrained(path)
+        outputs, dirs = [], []
+        for version in (1, 2):
+            params = jax.tree_util.tree_map_with_path(  # a new adapter version: B moves
+                lambda kp, x: x + 0.05 * jax.random.normal(jax.random.key(version), x.shape) if
+                str(kp[-1].key) == "lora_b" else x, params)
+            dirs.append(pool.next_adapter_path())
+            save_adapter(params, model.cfg, spec, dirs[-1])
+            pool.load_adapter(dirs[-1])
+            assert pool._lora == (version, dirs[-1]) and os.path.getsize(os.path.join(dirs[-1], WEIGHTS_NAME)) > 0
+            ref = _jax_greedy(plain, merge(params, spec.scale), PROMPTS)
+            got = pool.generate(PROMPTS, GREEDY)
+            assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+            for c, r in zip(got, ref):
+                np.testing.assert_allclose(c.logprobs, r.logprobs, atol=1e-4)
+            outputs.append([c.token_ids for c in got])
+        assert outputs[0] != outputs[1]  # the second version is the one generating
+        assert not os.path.exists(dirs[0]) and os.path.exists(dirs[1])
+        old_pid = pool.pids[0]  # killed: Ray restarts it, and it gets the base and the current adapter back
+        os.kill(old_pid, signal.SIGKILL)
+        assert [c.token_ids for c in pool.generate(PROMPTS, GREEDY)] == outputs[1]
+        assert pool.pids[0] != old_pid
+    finally:
+        pool.close()
+    assert not os.path.exists(dirs[1])
+
+
 def test_hung_engine_times_out_with_its_name(pool):
     pid = pool.pids[1]
     os.kill(pid, signal.SIGSTOP)
@@ -324,6 +369,36 @@ def test_async_training_staleness_and_resume(tmp_path):
     for a, b in zip(full[2:], [r for r in resumed if r["step"] > 2]):
         for key in ("reward", "actor/loss", "rollout/staleness_max", "is/rollout_kl"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["adapter", "merged"])
+def test_ppo_with_a_lora_actor_passes_the_sync_check(tmp_path, mode, capsys):
+    """A LoRA actor (and critic) on the pool: adapters only travel (a new LoRA request per version) or the merged
+    weights do; after every sync the engine's greedy log-probs match the trainer's (sync check) and the rollouts'
+    log-probs stay within fp32 noise of the trainer's."""
+    from jaxrlhf.ppo import main
+
+    _ppo_setup(tmp_path)
+    cfg = _ppo_cfg(tmp_path, "run", max_steps=3, num_episodes=2, critic_learning_rate=1e-3, init_kl_coef=0.05,
+                   advantage_estimator="gae", vllm_sync_check="every", lora_rank=4, lora_alpha=8.0,
+                   actor_learning_rate=5e-3, vllm_sync_lora=mode)
+    log = [json.loads(line) for line in open(main(cfg)["log"])]
+    err = capsys.readouterr().err
+    assert ("adapters only (vLLM LoRA requests, r=4)" if mode == "adapter" else
+            "merged weights (--vllm_sync_lora merged)") in err
+    assert len(log) == 3
+    for rec in log:
+        assert rec["rollout/logprob_diff_max"] < 1e-3, rec["rollout/logprob_diff_max"]
+        assert rec["sync_check/logprob_diff_max"] < 1e-3
+    assert log[0]["kl"] == 0.0 and log[-1]["kl"] != 0.0  # the adapters moved the policy
+    layers = json.load(open(tmp_path / "model" / "config.json"))["num_hidden_layers"]
+    adapter = 4 * layers * 4 * sum(i + o for i, o in [(256, 256), (256, 128), (256, 128), (256, 256), (256, 512),
+                                                      (256, 512), (512, 256)])  # fp32 x L x r x sum(in + out)
+    if mode == "adapter":  # the PEFT file: the adapters and its JSON header
+        assert adapter <= log[-1]["sync/bytes"] < adapter + 16384
+    else:  # every tensor of the model
+        assert log[-1]["sync/bytes"] > 10 * adapter
 
 
 @pytest.mark.slow

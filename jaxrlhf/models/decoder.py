@@ -48,20 +48,27 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dout,), dtype)) if bias else None
         # data attributes: models/lora.py and models/nf4.py may attach Params
         self.lora_a = self.lora_b = self.kernel_nf4 = self.kernel_absmax = nnx.data(None)
-        self.lora_scale = 0.0
+        self.kernel_absmax_scale = self.kernel_absmax_offset = nnx.data(None)  # NF4 double quantization
+        self.lora_scale = self.lora_dropout = 0.0
+        self.lora_key = nnx.data(None)  # a PRNG key only inside a train step with adapter dropout (set_dropout_key)
 
     def weight(self, dtype):
         """``W [D, K]`` (dequantized from NF4 in ``dtype`` when the base is 4-bit)."""
         if self.kernel is None:
-            from jaxrlhf.models.nf4 import dequantize
+            from jaxrlhf.models.nf4 import NF4_LEAVES, dequantize_stored
 
-            return dequantize(self.kernel_nf4[...], self.kernel_absmax[...], dtype)
+            return dequantize_stored({n: getattr(self, n)[...] for n in NF4_LEAVES if getattr(self, n) is not None},
+                                     dtype)
         return self.kernel[...]
 
     def __call__(self, x):
         y = dense(x, self.weight(x.dtype))
         if self.lora_a is not None:
-            y = y + self.lora_scale * dense(dense(x, self.lora_a[...].astype(x.dtype)),
+            xa = x
+            if self.lora_key is not None:  # dropout on the adapter's input: keep with 1 - p, rescale by 1 / (1 - p)
+                keep = jax.random.bernoulli(self.lora_key, 1.0 - self.lora_dropout, x.shape)
+                xa = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+            y = y + self.lora_scale * dense(dense(xa, self.lora_a[...].astype(x.dtype)),
                                             self.lora_b[...].astype(x.dtype))
         return y + self.bias[...] if self.bias is not None else y
 

@@ -29,11 +29,13 @@ MOE_MODULES = ("gate", "router", "experts", "block_sparse_moe", "w1", "w2", "w3"
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """What to adapt: rank ``r``, ``alpha`` (scale ``alpha / r``) and the targeted module names."""
+    """What to adapt: rank ``r``, ``alpha`` (scale ``alpha / r``), the targeted module names, and the dropout rate
+    on the adapters' input while training (PEFT's ``lora_dropout``; off outside a train step)."""
 
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float = 0.0
 
     @property
     def scale(self) -> float:
@@ -104,7 +106,7 @@ def apply_lora(model, spec: LoraSpec, *, seed: int, mesh=None):
             a = jax.device_put(a, NamedSharding(mesh, rules.spec_for(f"{path}/lora_a")))
             b = jax.device_put(b, NamedSharding(mesh, rules.spec_for(f"{path}/lora_b")))
         lin.lora_a, lin.lora_b = nnx.Param(a), nnx.Param(b)
-        lin.lora_scale = spec.scale
+        lin.lora_scale, lin.lora_dropout = spec.scale, spec.dropout
     model.lora = spec
     return model
 
@@ -114,9 +116,38 @@ def is_adapter(path: str) -> bool:
     return path.rsplit("/", 1)[-1] in ADAPTER_LEAVES
 
 
-def merge(params: dict, scale: float) -> dict:
+def set_dropout_key(model, key) -> None:
+    """Turn on adapter dropout for one forward of ``model`` (a model merged inside a train step): each adapted linear
+    gets its own key ``fold_in(key, k)`` and drops its adapter input ``x`` with its spec's rate (PEFT:
+    ``B A dropout(x)``; the base path ``x W`` is untouched). A model without dropout is left as it is."""
+    if model.lora is None or not model.lora.dropout:
+        return
+    for k, (_, lin) in enumerate(targeted_linears(model, model.lora.targets)):
+        lin.lora_key = jax.random.fold_in(key, k)
+
+
+def adapters_off(params: dict, zero_b: dict) -> dict:
+    """``params`` with every ``lora_b`` replaced by the zeros of ``zero_b`` (``{path: zeros}``, made once by
+    ``zero_adapters``): the same arrays compute the base model exactly (``W x + s (x A) 0``), so a LoRA policy's
+    frozen reference needs no second copy of the base."""
+    from sharding import path_str
+
+    return jax.tree_util.tree_map_with_path(lambda kp, x: zero_b.get(path_str(kp), x), params)
+
+
+def zero_adapters(params: dict) -> dict:
+    """``{path: zeros}`` for every ``lora_b`` leaf of ``params``, on the leaf's sharding (see ``adapters_off``)."""
+    import numpy as np
+
+    from sharding import path_str
+
+    return {path_str(kp): jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)
+            for kp, x in jax.tree_util.tree_flatten_with_path(params)[0] if str(kp[-1].key) == "lora_b"}
+
+
+def merge(params: dict, scale: float | None) -> dict:
     """The params dict with every adapter folded into its kernel: ``W + scale * A B`` (adapters removed; an NF4
-    base kernel is dequantized to fp32 first).
+    base kernel is dequantized to fp32 first). ``scale`` None: the adapters are dropped, not added (the base).
 
     Works on a nested pure dict (``nnx.split(model)[1].to_pure_dict()``); the sum runs on the arrays' devices."""
     def walk(d):
@@ -124,10 +155,10 @@ def merge(params: dict, scale: float) -> dict:
             return d
         out = {k: walk(v) for k, v in d.items() if k not in ADAPTER_LEAVES}
         if "kernel_nf4" in d:  # QLoRA: the 4-bit base is dequantized (fp32) first
-            from jaxrlhf.models.nf4 import dequantize
+            from jaxrlhf.models.nf4 import NF4_LEAVES, dequantize_stored
 
-            out["kernel"] = dequantize(out.pop("kernel_nf4"), out.pop("kernel_absmax"))
-        if "lora_a" in d:
+            out["kernel"] = dequantize_stored({n: out.pop(n) for n in NF4_LEAVES if n in out})
+        if "lora_a" in d and scale is not None:
             w = out["kernel"]
             delta = (d["lora_a"].astype(jnp.float32) @ d["lora_b"].astype(jnp.float32)) * scale
             out["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)

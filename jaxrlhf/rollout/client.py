@@ -8,12 +8,16 @@ only) and gives the loop three calls:
   error there (a vLLM ``TimeoutError``) is raised on process 0 and reported on the others, nobody waits forever.
 - ``sync(params) -> metrics``: send the policy's weights (HF names, ``converters.hf.hf_entries``) to the engine;
   every process joins the per-tensor gathers, a failure on process 0 is reported on all of them. It counts its
-  syncs and runs ``check`` after the first one or after every one (``sync_check``).
+  syncs and runs ``check`` after the first one or after every one (``sync_check``). A LoRA policy (``lora``) goes
+  as merged weights (``lora_sync="merged"``), or (``"adapter"``, the vLLM pool) as its base once, at the first
+  sync (the trainer's base: an NF4 base dequantized), then as a PEFT adapter directory per sync that the engines
+  load as a new LoRA request (``VLLMPool.load_adapter``).
 - ``check(params) -> metrics``: the sync-correctness probe: each engine's greedy continuation of a few probe
   prompts and its log-probs, against the trainer's log-probs of the same tokens (``rollout/sync_check.py``).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -112,12 +116,14 @@ class RolloutClient:
         (temperature 1), run in chunks of ``chunk`` rows; ``probe_prompts``: token lists of the probe prompts.
     length_buckets: ``generate`` pads each batch's prompts and responses to these lengths (``trim_to_buckets``;
         None: the default series), capped at ``prompt_len`` / ``response_len``; ``()``: always the maximum lengths.
+    lora / lora_sync: the policy's ``LoraSpec`` (None: no LoRA) and how it is synced, "merged" or "adapter".
     """
 
     def __init__(self, engine, *, collective: bool, num_engines: int, model_cfg, pad_id: int, prompt_len: int,
                  response_len: int, sync_check: Literal["off", "first", "every"] = "off",
                  probe_prompts: list[list[int]] = (), probe_forward: Callable | None = None, chunk: int = 1,
-                 tolerance: float = 0.0, length_buckets: Sequence[int] | None = ()):
+                 tolerance: float = 0.0, length_buckets: Sequence[int] | None = (), lora=None,
+                 lora_sync: str | None = None):
         self.engine, self.collective, self.num_engines = engine, collective, num_engines
         self.model_cfg, self.pad_id = model_cfg, pad_id
         self.prompt_len, self.response_len = prompt_len, response_len
@@ -125,6 +131,7 @@ class RolloutClient:
         self.probe_prompts, self.probe_forward, self.chunk, self.tolerance = (
             list(probe_prompts), probe_forward, chunk, tolerance)
         self.length_buckets = length_buckets
+        self.lora, self.lora_sync = lora, lora_sync
         self.num_syncs = 0
 
     def _rows(self, prompts: list[list[int]], completions: Callable[[], list[Completion]], n_rows: int):
@@ -155,10 +162,30 @@ class RolloutClient:
 
     def sync(self, params: Any) -> dict:
         """Send ``params`` to the engine; with ``sync_check`` probe the engines after it. Returns metrics."""
+        from jaxrlhf.models.lora import merge
+
+        self.num_syncs += 1
+        if self.lora is not None and self.lora_sync == "adapter":
+            if self.num_syncs == 1:  # the trainer's base once (adapters dropped; an NF4 base dequantized)
+                self._send(merge(params, None))
+            stats = self._send_adapter(params)
+        else:
+            stats = self._send(params if self.lora is None else merge(params, self.lora.scale))
+        out = {"sync/seconds": stats["seconds"], "sync/GBps": stats["bytes"] / stats["seconds"] / 1e9} if stats \
+            else {}
+        if stats:
+            out["sync/bytes"] = float(stats["bytes"])
+        if stats and "write_seconds" in stats:  # the trainer's part of it (the engines' loading is the rest)
+            out["sync/write_seconds"] = stats["write_seconds"]
+        if self.num_engines and (self.sync_check == "every" or (self.sync_check == "first" and self.num_syncs == 1)):
+            out.update(self.check(params))
+        return out
+
+    def _send(self, params: Any) -> dict | None:
+        """Plain (adapter-free) ``params`` to the engine as HF-named tensors; the engine's stats (process 0)."""
         from converters.hf import hf_entries
         from sharding.distributed import agree
 
-        self.num_syncs += 1
         # A collective engine (the JAX sampler) takes its own shards; the pool (process 0) gets each tensor gathered
         # to an array this process can read, a collective every process joins.
         named = hf_entries(params, self.model_cfg, gather=not self.collective)
@@ -174,13 +201,31 @@ class RolloutClient:
             agree(error)
         elif error is not None:
             raise error
-        out = {"sync/seconds": stats["seconds"], "sync/GBps": stats["bytes"] / stats["seconds"] / 1e9} if stats \
-            else {}
-        if stats and "write_seconds" in stats:  # the trainer's part of it (the engines' loading is the rest)
-            out["sync/write_seconds"] = stats["write_seconds"]
-        if self.num_engines and (self.sync_check == "every" or (self.sync_check == "first" and self.num_syncs == 1)):
-            out.update(self.check(params))
-        return out
+        return stats
+
+    def _send_adapter(self, params: Any) -> dict | None:
+        """The adapters of ``params`` as a PEFT directory the engines load as the next LoRA version (the pool;
+        every process joins the gathers, process 0 writes). Stats: the adapter file's bytes, seconds to write and
+        load it."""
+        import time
+
+        from converters.peft import WEIGHTS_NAME, save_adapter
+        from sharding.distributed import agree
+
+        t0 = time.perf_counter()
+        path = self.engine.next_adapter_path() if self.engine is not None else ""
+        save_adapter(params, self.model_cfg, self.lora, path)
+        written = time.perf_counter()
+        stats, error = None, None
+        if self.engine is not None:
+            try:
+                self.engine.load_adapter(path)
+                stats = {"bytes": os.path.getsize(os.path.join(path, WEIGHTS_NAME)),
+                         "seconds": time.perf_counter() - t0, "write_seconds": written - t0}
+            except Exception as e:  # noqa: BLE001 - re-raised by agree() once the others are released
+                error = e
+        agree(error)
+        return stats
 
     def check(self, params: Any) -> dict:
         """Each engine's greedy answer to the probe prompts vs the trainer's log-probs (``sync_check``)."""

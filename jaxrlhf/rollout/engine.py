@@ -20,6 +20,10 @@ Conventions shared by every engine:
   ``transposed``: the engine transposes where it copies anyway), or ``(hf_name, array)`` pairs in HF layout
   (``converters.hf.hf_tensors``); arrays may be numpy or jax arrays of any float dtype (cast to the engine's
   dtype). A subset of the model's tensors may be sent.
+- Optional, for LoRA policies (the vLLM pool has it, ``rollout/setup.lora_sync_mode`` asks): ``adapter_support(rank)``
+  (None, or why not), ``next_adapter_path()`` and ``load_adapter(path)``: the engine generates with the PEFT adapter
+  directory ``path`` on top of its base from then on (vLLM 0.32 reads LoRA adapters from a local directory only,
+  no in-memory tensors: the trainer writes it to /dev/shm).
 """
 from __future__ import annotations
 

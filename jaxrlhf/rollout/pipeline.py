@@ -203,6 +203,13 @@ class _Guarded:
         finally:
             self._pipeline._after_sync()
 
+    def load_adapter(self, path):
+        self._pipeline._before_sync()
+        try:
+            return self._engine.load_adapter(path)
+        finally:
+            self._pipeline._after_sync()
+
     def generate_each(self, prompt_ids, sampling):
         with self._pipeline._turn:
             return self._engine.generate_each(prompt_ids, sampling)

@@ -31,6 +31,10 @@ class RolloutFlags:
     vllm_sync_check: Literal["off", "first", "every"] = arg(
         "first", "after a weight sync, compare each engine's greedy continuation and logprobs of probe prompts with "
                  "the trainer's and stop on a mismatch: off, after the first sync, or after every sync")
+    vllm_sync_lora: Literal["auto", "adapter", "merged"] = arg(
+        "auto", "with LoRA on the vLLM pool: adapter (engines start with enable_lora and load each new adapter "
+                "version as a LoRA request: only the adapters travel), merged (the merged weights are broadcast), "
+                "auto (adapter where the engines can take it, else merged; the log says which)")
     vllm_request_timeout: float = arg(600.0, "seconds to wait for one engine's answer before failing")
     ray_address: Optional[str] = arg(None, "join this Ray cluster (e.g. auto or ray://host:10001); default: start a "
                                            "local one")
@@ -79,11 +83,44 @@ def engine_dtype(flags: RolloutFlags, bf16: bool) -> str:
     return flags.vllm_dtype if flags.vllm_dtype != "auto" else ("bfloat16" if bf16 else "float32")
 
 
+def lora_sync_mode(flags: RolloutFlags, engine, lora) -> str | None:
+    """How a LoRA policy reaches the engine (None without LoRA; ``--vllm_sync_lora``): "adapter" (the vLLM pool
+    loads each adapter version as a LoRA request, ``VLLMPool.load_adapter``) where the engine can take it, else
+    "merged" (the merged weights are broadcast). Says which in the log (process 0, which holds the pool)."""
+    if lora is None:
+        return None
+    import jax
+
+    can = getattr(engine, "adapter_support", None)
+    if not flags.vllm_num_engines:
+        reason = "the JAX sampler takes merged weights"
+    elif flags.vllm_sync_lora == "merged":
+        reason = "--vllm_sync_lora merged"
+    else:
+        reason = can(lora.rank) if can is not None else None  # None: the pool can (process 0)
+    if flags.vllm_num_engines:  # the pool lives on process 0: every process follows its answer
+        import numpy as np
+
+        from sharding.distributed import from_process0
+
+        reason = None if int(from_process0(lambda: np.int32(reason is None), ((), np.int32))) else (
+            reason or "the vLLM engines cannot take adapters")
+    if flags.vllm_sync_lora == "adapter" and reason is not None:
+        raise ValueError(f"--vllm_sync_lora adapter: {reason}; use --vllm_sync_lora auto or merged")
+    mode = "merged" if reason is not None else "adapter"
+    if jax.process_index() == 0:
+        how = f"adapters only (vLLM LoRA requests, r={lora.rank})" if mode == "adapter" else \
+            f"merged weights ({reason})"
+        print(f"[lora] weight sync: {how}", file=sys.stderr)
+    return mode
+
+
 def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, prompt_max_len: int,
-                generate_max_len: int, bf16: bool, seed: int, prompt_buckets=()):
+                generate_max_len: int, bf16: bool, seed: int, prompt_buckets=(), lora=None):
     """The JAX sampler over ``model`` (on every process; prompts padded to ``prompt_buckets``, see ``JaxSampler``),
     or the vLLM pool of ``pretrain`` (process 0; None on the others). A converted (Orbax) ``pretrain`` starts the
-    engines from dummy weights: sync before generating."""
+    engines from dummy weights: sync before generating. ``lora`` (the policy's ``LoraSpec``): the engines start
+    with vLLM's LoRA support for its rank unless ``--vllm_sync_lora merged``."""
     import jax
 
     eos = (tokenizer.eos_token_id,)
@@ -108,4 +145,6 @@ def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, p
         kv_cache_mb=flags.vllm_kv_cache_mb, enable_prefix_caching=flags.enable_prefix_caching,
         enforce_eager=flags.enforce_eager, max_model_len=prompt_max_len + generate_max_len,
         eos_token_ids=eos, seed=seed, sync_backend=flags.vllm_sync_backend, bucket_mb=flags.weight_sync_bucket_mb,
-        request_timeout_s=flags.vllm_request_timeout, ray_address=flags.ray_address))
+        request_timeout_s=flags.vllm_request_timeout, ray_address=flags.ray_address,
+        max_lora_rank=lora.rank if lora is not None and flags.vllm_sync_lora != "merged" and lora.rank <= 512
+        else 0))  # vLLM takes adapters up to rank 512

@@ -66,6 +66,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from jaxrlhf.rollout.engine import Completion, SamplingParams, as_entries
 
 SyncBackend = Literal["ray", "nccl"]
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's max_lora_rank choices (config/lora.py)
 _START_TIMEOUT_S = 900.0
 _DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
@@ -89,6 +90,8 @@ class PoolConfig:
     request_timeout_s: longest wait for one engine's answer before TimeoutError.
     ray_address: join this Ray cluster; None starts a local one (and shuts it down on close).
     max_restarts: how often Ray restarts a dead engine actor.
+    max_lora_rank: > 0 starts the engines with vLLM's LoRA support for adapters up to this rank (rounded up to a
+        rank vLLM compiles for), so that ``load_adapter`` can hand them a LoRA policy's adapters; 0: off.
     """
 
     model: str
@@ -109,6 +112,7 @@ class PoolConfig:
     request_timeout_s: float = 600.0
     ray_address: Optional[str] = None
     max_restarts: int = 3
+    max_lora_rank: int = 0
 
     def __post_init__(self):
         if self.num_engines < 1:
@@ -237,7 +241,11 @@ class _EngineActor:
             kwargs["enable_chunked_prefill"] = False
         if cfg["sync_backend"] == "nccl":
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        if cfg["max_lora_rank"]:  # one adapter (the policy's current version) in use at a time
+            kwargs.update(enable_lora=True, max_loras=1, max_cpu_loras=2,
+                          max_lora_rank=min(r for r in _VLLM_LORA_RANKS if r >= cfg["max_lora_rank"]))
         self.llm = LLM(**kwargs)
+        self.lora = None  # the LoRARequest every generation carries (load_lora)
 
     def ready(self) -> int:
         return os.getpid()
@@ -250,13 +258,26 @@ class _EngineActor:
         from vllm.inputs import TokensPrompt
 
         params = [VSP(**sampling, seed=s, logprobs=0, detokenize=False) for s in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                                 lora_request=self.lora)
         result = []
         for out in outs:
             samples = sorted(out.outputs, key=lambda o: o.index)
             result.append([(list(o.token_ids), [lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)],
                             "stop" if o.finish_reason == "stop" else "length") for o in samples])
         return result
+
+    def load_lora(self, version: int, path: str) -> None:
+        """Load the PEFT adapter at ``path`` as LoRA request ``version`` (a new id per version), make it the one
+        generations use, and drop the previous one."""
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"policy-v{version}", version, path)
+        self.llm.llm_engine.add_lora(request)
+        if self.lora is not None and self.lora.lora_int_id != version:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+        self.lora = request
+        self.llm.reset_prefix_cache()
 
     def begin_sync(self) -> None:
         self.llm.collective_rpc("jaxrlhf_begin_sync")
@@ -438,11 +459,14 @@ class VLLMPool:
                     placement_group_capture_child_tasks=True)).remote(i, plain, on_gpu))
         self.pids: list[Optional[int]] = [None] * cfg.num_engines
         self._down: dict[int, Any] = {}  # engine -> pending ready() ref while Ray restarts it
+        self._deaths = [0] * cfg.num_engines  # deaths seen per engine (Ray restarts it max_restarts times)
         self._weights: list = []  # (actor method, args) per bucket of the latest ray-backend sync (restarts)
         self._files: Optional[_SharedFiles] = None  # same-node buckets (created at the first sync)
         self._nodes: dict[int, tuple] = {}  # engine -> (pid, Ray node id) of its current process
         self._stale: set[int] = set()  # restarted under the NCCL backend, waiting for the next sync
         self._nccl: Optional[_NcclSender] = None
+        self._lora: Optional[tuple[int, str]] = None  # (version, PEFT dir) the engines generate with
+        self._lora_dir: Optional[str] = None  # where adapter versions are written (made at the first one)
         t0 = time.perf_counter()
         try:
             for i, ref in enumerate([a.ready.remote() for a in self._actors]):
@@ -511,7 +535,53 @@ class VLLMPool:
             nbytes, nb, written = self._sync_host(named_tensors)
         return {"bytes": nbytes, "seconds": time.perf_counter() - t0, "buckets": nb, "write_seconds": written - t0}
 
+    # -------------------------------------------------------- LoRA adapters
+    def adapter_support(self, rank: int) -> str | None:
+        """None when the engines can take a rank-``rank`` adapter per sync (``load_adapter``), else why not."""
+        if not self.cfg.max_lora_rank:
+            return "the engines were started without LoRA support"
+        if rank > max(_VLLM_LORA_RANKS) or rank > self.cfg.max_lora_rank:
+            return f"rank {rank} exceeds what the engines were started for"
+        if self.cfg.sync_backend != "ray":
+            return "adapter directories travel on the ray backend's shared node (--vllm_sync_backend ray)"
+        if self._shared_files(self._live()) is None:
+            return "the engines do not share this node's /dev/shm, where adapter directories are written"
+        return None
+
+    def next_adapter_path(self) -> str:
+        """Where the trainer writes the next adapter version (a directory in /dev/shm, removed by ``close``)."""
+        import tempfile
+
+        if self._lora_dir is None:
+            self._lora_dir = tempfile.mkdtemp(prefix=f"{_SharedFiles.PREFIX}{os.getpid()}-lora-",
+                                              dir=_SharedFiles.DIR)
+        version = (self._lora[0] if self._lora else 0) + 1
+        return os.path.join(self._lora_dir, f"v{version}")
+
+    def load_adapter(self, path: str) -> None:
+        """Every live engine loads the PEFT adapter directory ``path`` (written at ``next_adapter_path``) as the next
+        LoRA version and generates with it from now on; the previous version's directory is removed. A restarted
+        engine is given it before it serves again (``_bring_up``)."""
+        import shutil
+
+        version = (self._lora[0] if self._lora else 0) + 1
+        live = self._live()
+        refs = {e: self._actors[e].load_lora.remote(version, path) for e in live}
+        for e, ref in refs.items():
+            try:
+                self._get(e, ref, what="LoRA adapter load")
+            except RayActorError:
+                self._mark_down(e)
+        old, self._lora = self._lora, (version, path)
+        if old is not None and old[1] != path:
+            shutil.rmtree(old[1], ignore_errors=True)
+
     def close(self) -> None:
+        if getattr(self, "_lora_dir", None):
+            import shutil
+
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+            self._lora_dir = None
         for a in getattr(self, "_actors", []):
             try:
                 ray.kill(a, no_restart=True)
@@ -588,6 +658,8 @@ class VLLMPool:
                 [a.finish_sync.remote()]
             for r in refs:
                 self._get(e, r, what="weight restore")
+        if self._lora is not None:  # and the current LoRA version
+            self._get(e, self._actors[e].load_lora.remote(*self._lora), what="LoRA adapter restore")
 
     # -------------------------------------------------------- health
     def live_engines(self) -> list[int]:
@@ -600,10 +672,16 @@ class VLLMPool:
             ready, _ = ray.wait([ref], timeout=0)
             if ready:
                 self._revive(e, ref)
-        if len(self._down) == len(self._actors):  # nothing alive: wait for Ray to restart one
-            e, ref = next(iter(self._down.items()))
-            ray.wait([ref], timeout=_START_TIMEOUT_S)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while len(self._down) == len(self._actors) and time.monotonic() < deadline and any(
+                self._deaths[e] <= self.cfg.max_restarts for e in self._down):
+            # nothing alive: wait for Ray to restart one (ready() calls fail while it restarts: _revive sends
+            # another; an engine that died more often than max_restarts is not coming back)
+            e, ref = next((e, r) for e, r in self._down.items() if self._deaths[e] <= self.cfg.max_restarts)
+            ray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
             self._revive(e, ref)
+            if e in self._down:
+                time.sleep(1.0)
         live = [e for e in range(len(self._actors)) if e not in self._down and (include_stale or e not in self._stale)]
         if not live and self._down:
             raise RuntimeError(f"no vLLM engine is alive: engine(s) {sorted(self._down)} died and Ray did not bring "
@@ -625,6 +703,7 @@ class VLLMPool:
         print(f"[vllm] engine {e} restarted (pid {pid}) and received the current weights", file=sys.stderr)
 
     def _mark_down(self, e: int) -> None:
+        self._deaths[e] += 1
         print(f"[vllm] engine {e} (pid {self.pids[e]}) died; its requests go to the other engines while Ray "
               f"restarts it", file=sys.stderr)
         self._down[e] = self._actors[e].ready.remote()

@@ -206,7 +206,8 @@ class PPOState:
 
 def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step: Callable | None,
                train_batch_size: int, micro_batch: int, max_epochs: int, seed: int, use_kl_loss: bool,
-               on_policy: bool = False, rollout_logp: bool = False, timer=None) -> tuple[PPOState, dict[str, float]]:
+               on_policy: bool = False, rollout_logp: bool = False, timer=None,
+               dropout_key=None) -> tuple[PPOState, dict[str, float]]:
     """``max_epochs`` passes over ``exp`` (an ``Experience``) in shuffled ``train_batch_size`` batches, each one
     optimizer update of the actor (``actor_step``; None while the actor is frozen) and of the critic (``critic_step``;
     None without one), accumulated over ``micro_batch``-row micro-batches.
@@ -218,6 +219,8 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
     updates (``actor/...``, ``critic/...``: the mean; ``*_max`` / ``*_min``: the max / min).
     ``timer`` (a ``metrics.PhaseTimer``): each update is waited for inside its phase, ``update_actor`` /
     ``update_critic``, so the seconds are the compute's, not the dispatch's.
+    ``dropout_key`` (LoRA adapter dropout; None: off): update k of the actor (critic) uses
+    ``fold_in(fold_in(dropout_key, 0 (1)), k)``.
     """
     import contextlib
 
@@ -233,9 +236,14 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
     actor, actor_opt, critic, critic_opt = state.actor, state.actor_opt, state.critic, state.critic_opt
     actor_keys = (() if on_policy else ("old_logp",)) + (("rollout_logp",) if on_policy or rollout_logp else ()) + \
         ("advantages",) + (("ref_logp",) if use_kl_loss else ())
+    def key(role: int, k: int):
+        return None if dropout_key is None else jax.random.fold_in(jax.random.fold_in(dropout_key, role), k)
+
+    k = -1
     for _ in range(max_epochs):
         order = rng.permutation(len(exp))
         for a in range(0, len(exp), train_batch_size):
+            k += 1
             rows = order[a:a + train_batch_size]
             if actor_step is not None:
                 b = exp.batch(rows, *actor_keys)
@@ -243,13 +251,13 @@ def ppo_update(state: PPOState, exp, *, actor_step: Callable | None, critic_step
                     b["kl_coef"] = np.float32(state.kl_coef)
                 with phase("update_actor"):
                     actor, actor_opt, m = jax.block_until_ready(
-                        actor_step(actor, actor_opt, stack_micro_batches(b, micro_batch)))
+                        actor_step(actor, actor_opt, stack_micro_batches(b, micro_batch), key(0, k)))
                 _collect(collected, m, "actor/")
             if critic_step is not None:
                 b = exp.batch(rows, "values", "returns")
                 with phase("update_critic"):
                     critic, critic_opt, m = jax.block_until_ready(
-                        critic_step(critic, critic_opt, stack_micro_batches(b, micro_batch)))
+                        critic_step(critic, critic_opt, stack_micro_batches(b, micro_batch), key(1, k)))
                 _collect(collected, m, "critic/")
     means = {k: float((np.max if k.endswith("_max") else np.min if k.endswith("_min") else np.mean)(
         [float(x) for x in v])) for k, v in collected.items()}

@@ -108,14 +108,21 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     ``aux_loss_coef * load_balancing_loss + router_z_loss_coef * router_z_loss`` (``losses.moe_aux_losses``, per
     micro-batch, averaged over the step's micro-batches) is added to the loss; ``aux_loss`` and ``router_z_loss``
     are logged as metrics.
+
+    ``step(..., rng)``: a PRNG key turns on the model's training-only randomness (LoRA adapter dropout,
+    ``models.lora.set_dropout_key``) with key ``fold_in(rng, k)`` for micro-batch k; None (default): none.
     """
     p_sh, o_sh = shardings_of(params), shardings_of(opt_state)
 
-    def loss_of(trained, frozen, mb, num_micro: int):
+    def loss_of(trained, frozen, mb, key, num_micro: int):
         p = join_params(trained, frozen)
         if compute_dtype is not None:
             p = cast_floating(p, compute_dtype)
         model = nnx.merge(graphdef, p)
+        if key is not None:
+            from jaxrlhf.models.lora import set_dropout_key
+
+            set_dropout_key(model, key)
         if not getattr(getattr(model, "cfg", None), "is_moe", False):
             return loss_fn(model, mb)
         from jaxrlhf.losses import moe_aux_losses
@@ -129,16 +136,18 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
                                           aux_loss_coef=aux_loss_coef, z_loss_coef=router_z_loss_coef)
         return loss + aux / num_micro, {**metrics, **{k: v / num_micro for k, v in aux_metrics.items()}}
 
-    def step(params, opt_state, micro_batches):
+    def step(params, opt_state, micro_batches, rng):
         trained, frozen = split_params(params, trainable)
         num_micro = jax.tree_util.tree_leaves(micro_batches)[0].shape[0]
 
-        def micro(grads, mb):
-            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, mb, num_micro)
+        def micro(grads, xs):
+            mb, k = xs
+            key = None if rng is None else jax.random.fold_in(jax.random.wrap_key_data(rng), k)
+            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, mb, key, num_micro)
             return jax.tree_util.tree_map(jnp.add, grads, g), {"loss": loss, **metrics}
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
-        grads, metrics = jax.lax.scan(micro, zeros, micro_batches)
+        grads, metrics = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(num_micro)))
         metrics = {k: m.max(0) if k.endswith("_max") else m.min(0) if k.endswith("_min") else m.sum(0)
                    for k, m in metrics.items()}
         metrics["grad_norm"] = optax.global_norm(grads)
@@ -147,15 +156,18 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
 
     compiled: dict = {}
 
-    def run(params, opt_state, micro_batches):
+    def run(params, opt_state, micro_batches, rng=None):
         key = jax.tree_util.tree_structure(micro_batches), tuple(np.shape(x) for x in
-                                                                  jax.tree_util.tree_leaves(micro_batches))
+                                                                  jax.tree_util.tree_leaves(micro_batches)), rng is None
         if key not in compiled:
             b_sh = batch_shardings(micro_batches, mesh, stacked=True)
-            compiled[key] = b_sh, jax.jit(step, in_shardings=(p_sh, o_sh, b_sh), out_shardings=(p_sh, o_sh, None),
-                                          donate_argnums=(0, 1))
+            r_sh = None if rng is None else NamedSharding(mesh, P())
+            compiled[key] = b_sh, jax.jit(step, in_shardings=(p_sh, o_sh, b_sh, r_sh),
+                                          out_shardings=(p_sh, o_sh, None), donate_argnums=(0, 1))
         b_sh, fn = compiled[key]
-        return fn(params, opt_state, jax.tree_util.tree_map(global_array, micro_batches, b_sh))  # multi-host
+        if rng is not None:  # raw key data (uint32), the same on every process
+            rng = global_array(np.asarray(jax.random.key_data(rng)), NamedSharding(mesh, P()))
+        return fn(params, opt_state, jax.tree_util.tree_map(global_array, micro_batches, b_sh), rng)  # multi-host
 
     run.compiled = compiled  # one program per distinct batch shape (logged as compile/count)
     return run

@@ -153,7 +153,8 @@ def dry_run(cfg: SupervisedConfig) -> dict:
                               gradient_checkpointing=cfg.gradient_checkpointing,
                               device_memory_gb=cfg.device_memory_gb, head=cfg.trained_head(),
                               ref_path=cfg.reference(), processes=cfg.num_processes or 1, lora_rank=rank,
-                              lora_targets=targets, load_in_4bit=cfg.load_in_4bit)
+                              lora_targets=targets, load_in_4bit=cfg.load_in_4bit,
+                              double_quant=cfg.bnb_4bit_use_double_quant)
 
 
 def data_parallel_size(mesh) -> int:
@@ -275,12 +276,10 @@ def load_model(cfg: SupervisedConfig, mesh, *, head: str = "lm", path: str | Non
     import jax.numpy as jnp
 
     from jaxrlhf.models import from_pretrained
-    from jaxrlhf.train.lora import add_lora
 
     model = from_pretrained(path or cfg.pretrain, mesh=mesh, dtype=jnp.float32, head=head,
                             remat=cfg.gradient_checkpointing, seed=cfg.seed)
-    return add_lora(model, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules,
-                    lora_path=cfg.lora_path, seed=cfg.seed, mesh=mesh, load_in_4bit=cfg.load_in_4bit)
+    return cfg.attach_lora(model, mesh=mesh)
 
 
 def check_batch_arithmetic(cfg: SupervisedConfig, dp: int, num_train: int, num_eval: int | None) -> None:
@@ -345,6 +344,8 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     eval_every = batches.batches_per_epoch if cfg.eval_steps == -1 else cfg.eval_steps
 
     model_cfg, lora = model.cfg, model.lora
+    from jaxrlhf.train.lora import trainable_with_lora
+
     trainable = None if lora is None else trainable_with_lora(head)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
@@ -382,7 +383,8 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             _, batch = pending
-            params, opt_state, m = train_step(params, opt_state, stack_micro_batches(batch, micro))
+            params, opt_state, m = train_step(params, opt_state, stack_micro_batches(batch, micro),
+                                              cfg.dropout_rng(step))
             pending = next_batch() if step + 1 < total_steps else None  # host work overlaps the device step
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             stop_if_not_finite({"training loss": m["loss"]}, step=step + 1, ckpt=ckpt, ckpt_path=cfg.ckpt_path,
@@ -407,14 +409,6 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
                              plot=(out["log"], f"{name}_metrics.png", plot_keys))}
 
 
-def trainable_with_lora(head: str) -> Callable[[str], bool]:
-    """What a LoRA run trains: the adapters, and a reward model's / critic's fresh score head (PEFT's
-    ``modules_to_save``); the base stays frozen, with no gradients and no optimizer state."""
-    from jaxrlhf.models.lora import is_adapter
-
-    return lambda path: is_adapter(path) or (head == "score" and path.startswith("score/"))
-
-
 def _export(cfg: SupervisedConfig, params, model_cfg, *, head: str, extra_config, plot: tuple, lora=None) -> dict:
     """The final HF model in ``--save_path`` (also when resumed at the last step) and the plot. With LoRA (``lora``
     a ``LoraSpec``) the adapters are merged into the exported weights, and ``--lora_save_adapter`` writes them as a
@@ -426,16 +420,16 @@ def _export(cfg: SupervisedConfig, params, model_cfg, *, head: str, extra_config
 
     from converters.hf import export_hf
     from converters.peft import save_adapter
-    from jaxrlhf.models.lora import merge
+    from jaxrlhf.train.lora import plain_params
     from jaxrlhf.train.metrics import plot_metrics
 
     extra = extra_config(params) if extra_config is not None else None
-    saved = export_hf(params if lora is None else merge(params, lora.scale), model_cfg, cfg.save_path, head=head,
+    saved = export_hf(plain_params(params, lora), model_cfg, cfg.save_path, head=head,
                       aux_from=cfg.pretrain, extra_config=extra, overwrite=True)
     adapter = {}
     if lora is not None and cfg.lora_save_adapter:
         adapter_dir = save_adapter(params, model_cfg, lora, os.path.join(cfg.save_path, "lora_adapter"),
-                                   base_model=cfg.pretrain)
+                                   base_model=cfg.pretrain, dropout=cfg.lora_dropout)
         adapter = {"lora_adapter": adapter_dir}
     if jax.process_index() != 0:
         return {}
@@ -466,11 +460,7 @@ def run_fingerprint(cfg: SupervisedConfig, name: str, train_data: BatchSource) -
 
     first = train_data.batch(np.arange(min(16, len(train_data))))
     rows = [first[k] for k in sorted(first) if np.ndim(first[k]) > 0]
-    lora = None  # the trained parameters' layout: LoRA or not, which adapters, a 4-bit base
-    if cfg.lora_rank or cfg.lora_path:
-        lora = (f"--lora_path {cfg.lora_path}" if cfg.lora_path else
-                f"--lora_rank {cfg.lora_rank} --lora_alpha {cfg.lora_alpha} --target_modules "
-                f"{','.join(cfg.target_modules)}") + (" --load_in_4bit" if cfg.load_in_4bit else "")
+    lora = cfg.lora_fingerprint()  # the trained parameters' layout: LoRA or not, which adapters, a 4-bit base
     return {"trainer": name, "--seed": cfg.seed, "--train_batch_size": cfg.train_batch_size,
             "--dataset": data_fingerprint(rows, len(train_data)), "LoRA": lora}
 
