@@ -241,12 +241,12 @@ def start(cfg: DistributedConfig, devices_per_host: Callable[[int], int]) -> Lau
 def check_mesh_hosts(mesh, what: str = "--mesh") -> None:
     """Tensor groups inside one host; data/fsdp spread over every host with an equal share each. ValueError if not.
 
-    ``mesh`` has axes (data, fsdp, tensor). A single-process mesh always passes.
+    ``mesh`` has axes (data, fsdp, expert, tensor). A single-process mesh always passes.
     """
     import jax
     import numpy as np
 
-    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)  # [data, fsdp, tensor]
+    procs = np.vectorize(lambda d: d.process_index, otypes=[int])(mesh.devices)  # [data, fsdp, expert, tensor]
     n_proc = jax.process_count()
     local = jax.local_device_count()
     shape = "x".join(str(s) for s in procs.shape)
@@ -254,11 +254,11 @@ def check_mesh_hosts(mesh, what: str = "--mesh") -> None:
         group = set(procs[idx].tolist())
         if len(group) > 1:
             raise ValueError(
-                f"{what} {shape} (data x fsdp x tensor) puts one tensor-parallel group on processes "
+                f"{what} {shape} (data x fsdp x expert x tensor) puts one tensor-parallel group on processes "
                 f"{sorted(group)}: the tensor axis must stay inside a host ({local} devices per process here). Use a "
                 f"tensor size that divides {local} and put the rest on fsdp, e.g. --mesh "
                 f"{mesh.size // min(local, procs.shape[-1])}x{min(local, procs.shape[-1])}")
-    owners = procs[..., 0].reshape(-1)  # process of each batch (data x fsdp) position
+    owners = procs[..., 0].reshape(-1)  # process of each batch (data x fsdp x expert) position
     counts = np.bincount(owners, minlength=n_proc)
     if (counts == 0).any():
         raise ValueError(f"{what} {shape} has no devices on processes {np.flatnonzero(counts == 0).tolist()}: every "

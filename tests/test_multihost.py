@@ -209,7 +209,7 @@ def mechanics(port: int, pid: int) -> dict:
            "local_devices": jax.local_device_count()}
     mesh = make_mesh("4x2")
     check_mesh_hosts(mesh)
-    out["mesh_processes"] = [[d.process_index for d in row] for row in mesh.devices[0]]
+    out["mesh_processes"] = [[d.process_index for d in row] for row in mesh.devices[0, :, 0, :]]  # [fsdp, tensor]
     try:
         check_mesh_hosts(make_mesh("1x8"))
     except ValueError as e:
