@@ -128,7 +128,9 @@ def test_bad_data_fails_before_any_compute(setup, tmp_path, case, message, capsy
         "value_type": dict(dataset=_write(tmp_path / "types.jsonl",
                                           '{"input": "1+1=", "output": "2"}\n{"input": 5, "output": "x"}\n')),
         "probs_length": dict(dataset=f"{good},{good}", dataset_probs="0.5"),
-        "no_output_key": dict(output_key=None),
+        # no --output_key and no 'output' field to read by default (data/sft.py)
+        "no_output_key": dict(output_key=None, dataset=_write(tmp_path / "answer.jsonl", '{"input": "1+1=", '
+                                                                                      '"answer": "2"}\n' * 10)),
         "batch": dict(train_batch_size=12),
     }[case]
     cfg = make_cfg(setup, f"bad_{case}", **flags)
