@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.tiny import save_tiny
+from tests.tiny import char_model, save_tiny, write_additions
 
 pytestmark = pytest.mark.slow
 
@@ -152,13 +152,9 @@ def test_converter_killed_anywhere_keeps_the_previous_conversion(two_models, tmp
 
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory):
-    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-
     root = tmp_path_factory.mktemp("fault_sft")
-    save_tiny("llama3", root / "model", vocab_size=32, max_position_embeddings=64)
-    build_tiny_tokenizer(str(root / "model"), list("0123456789+="))
-    rows = [{"input": f"{a}+{b}=", "output": str(a + b)} for a in range(8) for b in range(8)]
-    (root / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    char_model(root / "model")
+    write_additions(root / "add.jsonl", n=8)
     return root
 
 

@@ -140,17 +140,13 @@ def test_hf_flax_hf_bit_exact_and_export_loads_in_transformers(family, saved, tm
 @pytest.fixture(scope="module")
 def tiny_moe(tmp_path_factory):
     """A tiny random Mixtral with a character tokenizer, addition data (SFT) and prompts + a verifier (PPO)."""
-    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-    from jaxrlhf.demo import CHARS, REWARD_PY
+    from jaxrlhf.demo import REWARD_PY
+    from tests.tiny import char_model, write_addition_prompts, write_additions
 
     root = tmp_path_factory.mktemp("moe_train")
-    save_tiny("mixtral", root / "model", vocab_size=32, max_position_embeddings=64)
-    build_tiny_tokenizer(str(root / "model"), CHARS)
-    rows = [{"input": f"{a}+{b}=", "output": str(a + b)} for a in range(10) for b in range(10)]
-    (root / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with open(root / "prompts.jsonl", "w") as f:
-        for a, b in [(a, b) for a in range(4) for b in range(4)]:
-            f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    char_model(root / "model", "mixtral")
+    write_additions(root / "add.jsonl")
+    write_addition_prompts(root / "prompts.jsonl")
     (root / "reward.py").write_text(REWARD_PY)
     return root
 

@@ -295,17 +295,13 @@ def env_mechanics() -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random Llama (character tokenizer), a tiny reward model, 16 addition prompts, the demo's verifier."""
-    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-    from jaxrlhf.demo import CHARS, REWARD_PY
-    from tests.tiny import save_tiny
+    from jaxrlhf.demo import REWARD_PY
+    from tests.tiny import char_model, save_tiny, write_addition_prompts
 
     root = tmp_path_factory.mktemp("multihost")
-    save_tiny("llama3", root / "model", vocab_size=32, max_position_embeddings=64)
-    build_tiny_tokenizer(str(root / "model"), CHARS)
+    char_model(root / "model")
     save_tiny("llama3", root / "rm", kind="score", vocab_size=32, max_position_embeddings=64, seed=1)
-    with open(root / "prompts.jsonl", "w") as f:
-        for a, b in [(a, b) for a in range(4) for b in range(4)]:
-            f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    write_addition_prompts(root / "prompts.jsonl")
     (root / "reward.py").write_text(REWARD_PY)
     return root
 
@@ -438,8 +434,9 @@ def test_sft_two_processes_match_one(setup):
     """Two SFT steps (and an eval) on 2 processes x 4 devices equal one process with 8 devices."""
     import yaml
 
-    rows = [{"input": f"{a}+{b}=", "output": str(a + b)} for a in range(10) for b in range(10)]
-    (setup / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from tests.tiny import write_additions
+
+    write_additions(setup / "add.jsonl")
     cfg = dict(mesh="4x2", pretrain=str(setup / "model"), dataset=str(setup / "add.jsonl"), input_key="input",
                output_key="output", max_len=16, train_batch_size=16, micro_train_batch_size=2, max_steps=2,
                eval_steps=2, learning_rate=3e-3, eval_holdout=0.2, seed=3)

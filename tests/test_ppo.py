@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxrlhf.demo import CHARS, REWARD_PY
+from jaxrlhf.demo import REWARD_PY
 from jaxrlhf.ppo import PPOConfig, cli, main
 from tests.cli_runner import run_cli_with
-from tests.tiny import save_tiny
+from tests.tiny import char_model, save_tiny, write_addition_prompts
 
 LOSS_KEYS = ("reward", "actor/loss", "critic/loss", "kl", "response_length")
 TOP_PHASES = ("data", "generate", "reward", "experience", "train", "sync", "log", "save")
@@ -19,15 +19,9 @@ TOP_PHASES = ("data", "generate", "reward", "experience", "train", "sync", "log"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random Llama with a character tokenizer, 16 addition prompts, and the demo's verifier."""
-    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-
     root = tmp_path_factory.mktemp("ppo")
-    model = root / "model"
-    save_tiny("llama3", model, vocab_size=32, max_position_embeddings=64)
-    build_tiny_tokenizer(str(model), CHARS)
-    with open(root / "prompts.jsonl", "w") as f:
-        for a, b in [(a, b) for a in range(4) for b in range(4)]:
-            f.write(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    char_model(root / "model")
+    write_addition_prompts(root / "prompts.jsonl")
     (root / "reward.py").write_text(REWARD_PY)
     return root
 

@@ -15,22 +15,17 @@ from flax import nnx
 from jaxrlhf.models import from_pretrained
 from jaxrlhf.sft import SFTConfig, cli, main
 from tests.cli_runner import run_cli_with
-from tests.tiny import save_tiny
+from tests.tiny import char_model, write_additions
 
-CHARS = list("0123456789+=")
 TIMING_KEYS = ("time", "step_time", "samples_per_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random Llama with a character tokenizer and 100 single-digit additions."""
-    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-
     root = tmp_path_factory.mktemp("sft")
-    save_tiny("llama3", root / "model", vocab_size=32, max_position_embeddings=64)
-    build_tiny_tokenizer(str(root / "model"), CHARS)
-    rows = [{"input": f"{a}+{b}=", "output": str(a + b)} for a in range(10) for b in range(10)]
-    (root / "add.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    char_model(root / "model")
+    write_additions(root / "add.jsonl")
     return root
 
 

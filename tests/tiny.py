@@ -66,3 +66,31 @@ def left_padded_batch(batch: int = 4, length: int = 12, vocab: int = 96, seed: i
 
 def positions(mask):
     return np.maximum(mask.cumsum(-1) - 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The addition task of the demo on a tiny model (trainer tests)
+# ---------------------------------------------------------------------------------------------------------------------
+def char_model(path, family: str = "llama3", **overrides) -> None:
+    """A tiny random ``family`` model (vocab 32, 64 positions) with the demo's character tokenizer at ``path``."""
+    from jaxrlhf.data.tokenizer import build_tiny_tokenizer
+    from jaxrlhf.demo import CHARS
+
+    save_tiny(family, path, vocab_size=32, max_position_embeddings=64, **overrides)
+    build_tiny_tokenizer(str(path), CHARS)
+
+
+def write_additions(path, n: int = 10) -> None:
+    """SFT rows ``{"input": "a+b=", "output": "a+b"}`` for single digits a, b < ``n`` (JSON lines)."""
+    import json
+
+    rows = [{"input": f"{a}+{b}=", "output": str(a + b)} for a in range(n) for b in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_addition_prompts(path, n: int = 4) -> None:
+    """PPO prompts ``{"question": "a+b=", "answer": "a+b"}`` for a, b < ``n`` (JSON lines; the demo's verifier)."""
+    import json
+
+    path.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(n) for b in range(n)))
