@@ -176,7 +176,7 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
     from jaxrlhf.train import ppo_step
     from jaxrlhf.train.lora import trainable_with_lora
     from jaxrlhf.train.optim import make_optimizer
-    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, split_params
+    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step
 
     eps_low, eps_high = cfg.eps_clip_low_high or (cfg.eps_clip, cfg.eps_clip)
     policy_loss = ppo_step.policy_loss_fn(temperature=cfg.temperature, eps_clip_low=eps_low,
@@ -193,7 +193,7 @@ def _compile(cfg, *, mesh, ref_mesh, actor, ref, critic, compute_dtype, total_up
                                       min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.l2,
                                       betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
         trainable = trainable_with_lora(head) if lora.get(role) is not None else None
-        opt = init_optimizer(tx, split_params(params, trainable)[0], mesh)
+        opt = init_optimizer(tx, params, mesh, trainable)
         return make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt, mesh=mesh,
                                compute_dtype=compute_dtype, trainable=trainable, aux_loss_coef=cfg.aux_loss_coef,
                                router_z_loss_coef=cfg.router_z_loss_coef), opt, schedule

@@ -311,7 +311,7 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
     from jaxrlhf.models.lora import LoraSpec, apply_lora
     from jaxrlhf.models.nf4 import quantize_base
     from jaxrlhf.plan import Role, role_memory
-    from jaxrlhf.train.steps import init_optimizer, split_params
+    from jaxrlhf.train.steps import init_optimizer
     from jaxrlhf.train.lora import trainable_with_lora
     from sharding import make_mesh
     from tests.tiny import save_tiny
@@ -327,7 +327,7 @@ def test_lora_plan_matches_the_real_adapter_optimizer_state(tmp_path):
             quantize_base(model, mesh=mesh, double_quant=dq)
         apply_lora(model, LoraSpec(rank=4, alpha=8.0, targets=targets), seed=0, mesh=mesh)
         params = nnx.split(model)[1].to_pure_dict()
-        opt = init_optimizer(optax.adam(1e-3), split_params(params, trainable_with_lora(head))[0], mesh)
+        opt = init_optimizer(optax.adam(1e-3), params, mesh, trainable_with_lora(head))
         real = sum(s.data.nbytes for x in jax.tree_util.tree_leaves(opt) if x.ndim > 0
                    for s in x.addressable_shards if s.device == dev0)
         planned = role_memory(Role("policy", cfg, head, MeshSpec(fsdp=4, tensor=2), trained=True, lora_rank=4,

@@ -48,12 +48,14 @@ def shardings_of(tree):
     return jax.tree_util.tree_map(lambda x: x.sharding, tree)
 
 
-def init_optimizer(tx: optax.GradientTransformation, params, mesh):
-    """Optimizer state created on the devices: moments sharded like their parameters, scalars replicated.
+def init_optimizer(tx: optax.GradientTransformation, params, mesh, trainable: Callable[[str], bool] | None = None):
+    """Optimizer state created on the devices: moments sharded like their parameters, scalars replicated; with
+    ``trainable`` (``make_train_step``'s), the state of the trained leaves only (``split_params``).
 
     The shardings are given to the jit explicitly (``optax.tree_map_params`` finds the parameter-shaped leaves):
     left to propagation, ``zeros_like`` moments come out replicated, i.e. a full copy of Adam's state per device.
     """
+    params = split_params(params, trainable)[0]
     replicated = NamedSharding(mesh, P())
     shardings = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), shardings_of(params),
                                       transform_non_params=lambda _: replicated)

@@ -332,8 +332,7 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     from jaxrlhf.train.checkpoint import Checkpointer
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.run import open_logger, prepare_outputs, stop_if_not_finite, total_steps_of
-    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, split_params, \
-        stack_micro_batches
+    from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, stack_micro_batches
 
     dp = data_parallel_size(mesh)
     check_batch_arithmetic(cfg, dp, len(train_data), None if eval_data is None else len(eval_data))
@@ -354,7 +353,7 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
         learning_rate=cfg.learning_rate, total_steps=total_steps, warmup_ratio=cfg.lr_warmup_ratio,
         min_lr_ratio=1.0 if cfg.lr_scheduler == "constant_with_warmup" else cfg.min_lr_ratio,
         weight_decay=cfg.l2, betas=tuple(cfg.adam_betas), max_norm=cfg.max_norm)
-    opt_state = init_optimizer(tx, split_params(params, trainable)[0], mesh)
+    opt_state = init_optimizer(tx, params, mesh, trainable)
     train_step = make_train_step(graphdef, loss_fn, tx, params=params, opt_state=opt_state, mesh=mesh,
                                  compute_dtype=compute_dtype, trainable=trainable, aux_loss_coef=cfg.aux_loss_coef,
                                  router_z_loss_coef=cfg.router_z_loss_coef)
