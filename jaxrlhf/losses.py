@@ -175,7 +175,8 @@ def logprobs_from_logits(logits_btv: Array, labels_bt: Array, temperature: Array
 
 
 def logprobs_from_hidden(h_btd: Array, w_dv: Array, labels_bt: Array, temperature: ArrayLike = 1.0, *,
-                         chunk: int = 128, with_entropy: bool = False) -> Tuple[Array, Optional[Array]]:
+                         chunk: int = 128, with_entropy: bool = False,
+                         transpose_w: bool = False) -> Tuple[Array, Optional[Array]]:
     """``logprobs_from_logits`` (and ``entropy_from_logits``) of ``logits = h @ w`` without ever building the
     [B, T, V] logits: the head and the log-softmax run over ``chunk`` positions at a time,
 
@@ -185,7 +186,8 @@ def logprobs_from_hidden(h_btd: Array, w_dv: Array, labels_bt: Array, temperatur
     and each chunk is recomputed in the backward pass (``jax.checkpoint``), so the peak memory of the loss is
     O(B x chunk x V) in both passes instead of O(B x T x V). The matmul is the decoder's (``Decoder.logits``:
     operands in ``h``'s dtype, fp32 accumulation): values and gradients equal the unchunked path's up to fp32
-    summation order. Returns ``(logp_bt, entropy_bt or None)``, float32 [B, T].
+    summation order. ``transpose_w``: ``w`` is ``[V, D]`` (a tied head's embedding), ``logits = h @ w^T``.
+    Returns ``(logp_bt, entropy_bt or None)``, float32 [B, T].
     """
     B, T = labels_bt.shape
     c = max(1, min(int(chunk), T))
@@ -198,7 +200,7 @@ def logprobs_from_hidden(h_btd: Array, w_dv: Array, labels_bt: Array, temperatur
     @jax.checkpoint
     def one(args):
         h_bcd, labels_bc = args
-        z = dense(h_bcd, w, out_dtype=jnp.float32) / temperature
+        z = dense(h_bcd, w, out_dtype=jnp.float32, transpose_w=transpose_w) / temperature
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, labels_bc[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1) if with_entropy else jnp.zeros_like(lse)

@@ -1,9 +1,11 @@
 """GRPO end to end on the real model: jaxrlhf (JAX sampler, and one vLLM engine) against TRL's GRPOTrainer.
 
-    .venv/bin/python scripts/bench_e2e.py [--steps 4] [--prompts 8] [--group 4] [--new_tokens 32] \\
+    .venv/bin/python scripts/bench_e2e.py [--steps 4] [--prompts 8] [--group 4] [--new_tokens 32] [--bf16] \\
         [--model DIR] [--skip trl,vllm] [--jax_flags "..."] [--out bench_e2e.json]
 
-Model: SmolLM2-135M-Instruct (scripts/real_model.sh), fp32 on the CPU. Task: the arithmetic questions of
+Model: SmolLM2-135M-Instruct (scripts/real_model.sh) on the CPU, fp32 everywhere, or with ``--bf16`` bf16 compute
+and fp32 master weights on both sides (jaxrlhf ``--bf16``: bf16 train steps and rollouts; TRL ``bf16=True``:
+torch autocast). Task: the arithmetic questions of
 examples/arithmetic (chat template) with its verifier as the reward, the same prompts in the same order for every
 framework. One step: ``--prompts`` prompts x ``--group`` samples of at most ``--new_tokens`` tokens at temperature
 1, group-normalised advantages (GRPO), no KL term (beta 0), one optimizer update over all samples (AdamW, lr 1e-6).
@@ -65,7 +67,7 @@ model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
 cfg = GRPOConfig(output_dir=a["out"], per_device_train_batch_size=a["prompts"] * a["group"],
                  num_generations=a["group"], max_completion_length=a["new_tokens"], beta=0.0, learning_rate=1e-6,
                  max_steps=a["steps"], logging_steps=1, use_cpu=True, report_to="none", save_strategy="no",
-                 temperature=1.0, shuffle_dataset=False, seed=0, bf16=False, disable_dropout=True)
+                 temperature=1.0, shuffle_dataset=False, seed=0, bf16=a["bf16"], disable_dropout=True)
 clock = Clock()
 trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=data, processing_class=tok,
                       callbacks=[clock])
@@ -128,7 +130,7 @@ def run_jaxrlhf(args, prompts: str, work: str, engines: int) -> dict:
            "--generate_max_len", str(args.new_tokens), "--max_steps", str(args.steps), "--init_kl_coef", "0",
            "--actor_learning_rate", "1e-6", "--lr_warmup_ratio", "0", "--mesh", "1", "--vllm_num_engines",
            str(engines), "--vllm_sync_check", "off", "--save_path", out, "--ckpt_path", os.path.join(out, "ckpt"),
-           "--save_steps", "-1", "--max_ckpt_num", "1", *args.jax_flags.split()]
+           "--save_steps", "-1", "--max_ckpt_num", "1", *(["--bf16"] if args.bf16 else []), *args.jax_flags.split()]
     rc, peak, _ = run_measured(cmd, out + ".log")
     if rc != 0:
         raise RuntimeError(f"jaxrlhf ({engines} engines) failed (rc {rc}); see {out}.log")
@@ -155,7 +157,7 @@ def ensure_trl() -> None:
 def run_trl(args, prompts: str, work: str) -> dict:
     ensure_trl()
     a = {"model": args.model, "prompts_file": prompts, "out": os.path.join(work, "trl"), "prompts": args.prompts,
-         "group": args.group, "new_tokens": args.new_tokens, "steps": args.steps}
+         "group": args.group, "new_tokens": args.new_tokens, "steps": args.steps, "bf16": args.bf16}
     rc, peak, out = run_measured([sys.executable, "-c", TRL_SCRIPT, json.dumps(a), ROOT],
                                  os.path.join(work, "trl.log"))
     if rc != 0:
@@ -174,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--new_tokens", type=int, default=32, help="most generated tokens per sample")
     p.add_argument("--prompt_max_len", type=int, default=64)
     p.add_argument("--micro", type=int, default=8, help="jaxrlhf micro-batch rows (train and experience)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 compute with fp32 master weights on both sides (jaxrlhf --bf16, TRL bf16=True: torch "
+                        "autocast); default fp32 everywhere")
     p.add_argument("--skip", default="", help="comma-separated: trl, vllm, jax")
     p.add_argument("--jax_flags", default="", help="extra jaxrlhf.ppo flags, e.g. '--fixed_shapes --logits_chunk_size "
                                                    "4096' for the padded, unchunked layout (peak memory before/after)")
@@ -205,7 +210,8 @@ def main(argv=None) -> int:
             print("[bench] TRL GRPOTrainer", file=sys.stderr)
             results["TRL GRPOTrainer"] = run_trl(args, prompts, work)
 
-    print(f"\nGRPO on {os.path.basename(os.path.normpath(args.model))}, fp32 CPU ({os.cpu_count()} cores): "
+    print(f"\nGRPO on {os.path.basename(os.path.normpath(args.model))}, {'bf16' if args.bf16 else 'fp32'} CPU "
+          f"({os.cpu_count()} cores): "
           f"{args.prompts} prompts x {args.group} samples x <= {args.new_tokens} tokens; median of steps 2..{args.steps}; "
           f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'run':<32} {'s/step':>8} {'peak RSS GB':>12}  steps (s)")

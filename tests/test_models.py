@@ -91,3 +91,73 @@ def test_bf16_params_and_remat(tmp_path):
     g2 = nnx.grad(loss)(rem)
     for x, y in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def _bf16(a):
+    return np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32])
+def test_dense_bf16_values_and_gradients_match_fp32_math(transpose_w, out_dtype):
+    """``dense`` on bf16 operands (the CPU's custom-VJP path): the value is the fp32 product of the bf16 inputs
+    rounded to the output dtype, and the gradients are the fp32 products of the bf16 inputs and the bf16-rounded
+    cotangent, rounded to bf16 (NumPy float64 reference; tolerance = bf16 rounding, 2^-8 relative)."""
+    from jaxrlhf.models.decoder import dense
+
+    rng = np.random.default_rng(0)
+    x = _bf16(rng.normal(size=(3, 5, 16)))
+    w = _bf16(rng.normal(size=(8, 16) if transpose_w else (16, 8)))
+    g = rng.normal(size=(3, 5, 8))
+    wm = w.T if transpose_w else w
+
+    def f(x, w):
+        y = dense(x, w, out_dtype=out_dtype, transpose_w=transpose_w)
+        return jnp.sum(y.astype(jnp.float32) * g), y
+
+    (_, y), (dx, dw) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(x, jnp.bfloat16),
+                                                                          jnp.asarray(w, jnp.bfloat16))
+    assert y.dtype == (out_dtype or jnp.bfloat16) and dx.dtype == dw.dtype == jnp.bfloat16
+    ref_y = x.astype(np.float64) @ wm
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, rtol=2**-8, atol=1e-6)
+    gb = _bf16(g).astype(np.float64)
+    ref_dx = gb @ wm.T
+    ref_dw = x.reshape(-1, 16).T.astype(np.float64) @ gb.reshape(-1, 8)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), ref_dx, rtol=2**-7, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(dw, np.float64), ref_dw.T if transpose_w else ref_dw, rtol=2**-7,
+                               atol=1e-2)
+
+
+def test_bf16_cast_parameters_compute_in_bf16_with_bf16_gemms(tmp_path):
+    """fp32 parameters cast to bf16 (what ``--bf16`` train steps and rollouts do) run the forward in bf16 (the
+    embedding lookup once promoted it back to fp32, silently), and on the CPU every Linear's three GEMMs (forward,
+    input and weight gradients) keep 16-bit operands in the compiled program: XLA:CPU upcasts a dot it cannot hand
+    to its bf16 kernels to fp32 (4-6x slower), which this test would see."""
+    import re
+
+    from flax import nnx
+
+    from jaxrlhf.models.decoder import Linear
+    from jaxrlhf.train.optim import cast_floating
+
+    save_tiny("llama3", tmp_path)
+    ids, mask = left_padded_batch()
+    model = from_pretrained(str(tmp_path))
+    graphdef, state = nnx.split(model)
+    params = cast_floating(nnx.to_pure_dict(state), jnp.bfloat16)
+    h, _ = nnx.merge(graphdef, params).hidden_states(jnp.asarray(ids), jnp.asarray(mask))
+    assert h.dtype == jnp.bfloat16
+
+    def loss(p):
+        return nnx.merge(graphdef, p)(jnp.asarray(ids), jnp.asarray(mask)).mean()
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    sigs = {m.group(1): m.group(2) for m in re.finditer(r"^(%[\w.\-]+) \((.*?)\) ->", hlo, re.M)}
+    bf16_dots = 0
+    for line in hlo.splitlines():
+        m = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+        if m:
+            comp = next((c for c, sig in sigs.items() if f"{m.group(1)}: " in sig), None)
+            bf16_dots += comp is not None and all(f"{p}: bf16" in sigs[comp] for p in m.groups())
+    linears = sum(isinstance(x, Linear) for _, x in nnx.iter_graph(model))
+    assert bf16_dots >= 3 * linears, f"{bf16_dots} bf16 GEMMs for {linears} Linear layers (3 each expected)"

@@ -21,8 +21,8 @@ class RolloutFlags:
     vllm_tensor_parallel_size: int = arg(1, "GPUs per vLLM engine (reserved on one node by a placement group)")
     vllm_gpu_memory_utilization: float = arg(0.9, "fraction of each engine GPU vLLM may use")
     vllm_kv_cache_mb: int = arg(256, "KV cache per engine in MiB (required on CPU; 0 on GPU: sized by vLLM)")
-    vllm_dtype: str = arg("auto", "engine dtype: bfloat16, float16, float32 or auto (bfloat16 with --bf16, else "
-                                  "float32)")
+    vllm_dtype: str = arg("auto", "rollout dtype of the vLLM engines and of the JAX sampler: bfloat16, float16, "
+                                  "float32 or auto (bfloat16 with --bf16, else float32)")
     enable_prefix_caching: bool = arg(False, "vLLM prefix caching (reset after every weight sync)")
     enforce_eager: bool = arg(False, "vLLM without CUDA graphs")
     vllm_sync_backend: Literal["ray", "nccl"] = arg("ray", "weight broadcast: ray (object store, any machine) or "
@@ -76,6 +76,9 @@ def load_prompts(flags: PromptFlags, tokenizer, *, apply_chat_template: bool, in
 def check_rollout_flags(flags: RolloutFlags) -> None:
     if flags.vllm_num_engines < 0:
         raise ValueError(f"--vllm_num_engines must be >= 0, got {flags.vllm_num_engines}")
+    dtypes = ("auto", "bfloat16", "float16", "float32")
+    if flags.vllm_dtype not in dtypes:
+        raise ValueError(f"--vllm_dtype must be one of {', '.join(dtypes)}, got {flags.vllm_dtype!r}")
 
 
 def engine_dtype(flags: RolloutFlags, bf16: bool) -> str:
@@ -117,7 +120,8 @@ def lora_sync_mode(flags: RolloutFlags, engine, lora) -> str | None:
 
 def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, prompt_max_len: int,
                 generate_max_len: int, bf16: bool, seed: int, prompt_buckets=(), lora=None):
-    """The JAX sampler over ``model`` (on every process; prompts padded to ``prompt_buckets``, see ``JaxSampler``),
+    """The JAX sampler over ``model`` (on every process; prompts padded to ``prompt_buckets``, see ``JaxSampler``;
+    computing in the engine dtype, ``engine_dtype``),
     or the vLLM pool of ``pretrain`` (process 0; None on the others). A converted (Orbax) ``pretrain`` starts the
     engines from dummy weights: sync before generating. ``lora`` (the policy's ``LoraSpec``): the engines start
     with vLLM's LoRA support for its rank unless ``--vllm_sync_lora merged``."""
@@ -127,8 +131,11 @@ def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, p
     if not flags.vllm_num_engines:
         from jaxrlhf.rollout import JaxSampler
 
+        import jax.numpy as jnp
+
         return JaxSampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos,
-                          max_prompt_len=prompt_max_len, prompt_buckets=prompt_buckets)
+                          max_prompt_len=prompt_max_len, prompt_buckets=prompt_buckets,
+                          compute_dtype=jnp.dtype(engine_dtype(flags, bf16)))
     if jax.process_index() != 0:
         return None
     try:

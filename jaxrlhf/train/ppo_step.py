@@ -33,8 +33,9 @@ def response_logprobs(model, b: dict, *, temperature: float, chunk: int, with_en
     from jaxrlhf import losses
 
     h, tokens = response_hidden(model, b)
-    return losses.logprobs_from_hidden(h, model.head_weight(), tokens, temperature, chunk=chunk,
-                                       with_entropy=with_entropy)
+    w, transposed = model.head_weight()
+    return losses.logprobs_from_hidden(h, w, tokens, temperature, chunk=chunk, with_entropy=with_entropy,
+                                       transpose_w=transposed)
 
 
 def logprob_fn(*, temperature: float, chunk: int) -> Callable:

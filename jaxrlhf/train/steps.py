@@ -5,8 +5,9 @@ micro-batch axis ``[K, mb, ...]``. It scans over the K micro-batches summing gra
 then applies one optimizer update. Loss functions must normalise by counts of the WHOLE step batch (see
 ``losses.token_mean_over_batch``), so the summed gradient is independent of K and of the mesh.
 
-Parameters are fp32 master weights; ``compute_dtype=bfloat16`` casts them inside the differentiated function,
-so gradients and optimizer state stay fp32. Parameters and optimizer state are donated.
+Parameters are fp32 master weights; ``compute_dtype=bfloat16`` runs the micro-batches on a bf16 copy made once per
+step (every GEMM accumulates in fp32, ``models.decoder.dense``); each micro-batch's bf16 gradient is added into fp32
+sums, so the accumulated gradient and the optimizer state stay fp32. Parameters and optimizer state are donated.
 
 Mixture-of-experts models: every train step adds the router's auxiliary losses (``--aux_loss_coef``,
 ``--router_z_loss_coef``) of the forwards its loss function ran, for every trainer alike (``make_train_step``).
@@ -117,10 +118,7 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     p_sh, o_sh = shardings_of(params), shardings_of(opt_state)
 
     def loss_of(trained, frozen, mb, key, num_micro: int):
-        p = join_params(trained, frozen)
-        if compute_dtype is not None:
-            p = cast_floating(p, compute_dtype)
-        model = nnx.merge(graphdef, p)
+        model = nnx.merge(graphdef, join_params(trained, frozen))
         if key is not None:
             from jaxrlhf.models.lora import set_dropout_key
 
@@ -141,12 +139,15 @@ def make_train_step(graphdef, loss_fn: LossFn, tx: optax.GradientTransformation,
     def step(params, opt_state, micro_batches, rng):
         trained, frozen = split_params(params, trainable)
         num_micro = jax.tree_util.tree_leaves(micro_batches)[0].shape[0]
+        # compute-dtype copies made once per step, not per micro-batch; the gradients w.r.t. them are what the
+        # cast's own transpose would give, accumulated in the masters' fp32
+        t_c, f_c = (trained, frozen) if compute_dtype is None else cast_floating((trained, frozen), compute_dtype)
 
         def micro(grads, xs):
             mb, k = xs
             key = None if rng is None else jax.random.fold_in(jax.random.wrap_key_data(rng), k)
-            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(trained, frozen, mb, key, num_micro)
-            return jax.tree_util.tree_map(jnp.add, grads, g), {"loss": loss, **metrics}
+            (loss, metrics), g = jax.value_and_grad(loss_of, has_aux=True)(t_c, f_c, mb, key, num_micro)
+            return jax.tree_util.tree_map(lambda a, b: a + b.astype(a.dtype), grads, g), {"loss": loss, **metrics}
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trained)
         grads, metrics = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(num_micro)))
