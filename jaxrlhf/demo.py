@@ -124,6 +124,20 @@ def _vllm_installed() -> bool:
         importlib.util.find_spec(m) is not None for m in ("vllm", "ray"))
 
 
+def run_paths(root: str, *, load_checkpoint: bool) -> dict:
+    """``save_path`` / ``ckpt_path`` of a built-in demo run under its cache ``root``: ``root/run``. A new demo
+    (no ``--load_checkpoint``) moves the previous demo's run aside to ``root/run.prev`` (replacing an older one)
+    instead of refusing its checkpoints, so ``make demo`` can be run again; ``--load_checkpoint`` resumes it."""
+    run = os.path.join(root, "run")
+    if os.path.isdir(run) and not load_checkpoint:
+        prev = run + ".prev"
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(run, prev)
+        print(f"[demo] new run: the previous demo run was moved to {prev} (pass --load_checkpoint to resume it "
+              "instead)", file=sys.stderr)
+    return dict(save_path=run, ckpt_path=os.path.join(run, "checkpoints"))
+
+
 def prepare(cfg, mesh):
     """Build (or reuse) the demo's tokenizer, SFT policy, prompts and verifier; return ``cfg`` (a PPO config)
     pointing at them, with the demo's settings on every flag the user left at its default."""
@@ -154,7 +168,7 @@ def prepare(cfg, mesh):
         open(stamp, "w").close()
     changes = dict(DEMO_FLAGS, vllm_num_engines=1 if _vllm_installed() else 0)  # vLLM rollouts, as OpenRLHF's
     if cfg.save_path == field_default(cfg, "save_path"):
-        changes.update(save_path=os.path.join(root, "run"), ckpt_path=os.path.join(root, "run", "checkpoints"))
+        changes.update(run_paths(root, load_checkpoint=cfg.load_checkpoint))
     cfg = dataclasses.replace(at_defaults(cfg, changes), pretrain=sft_dir, prompt_data=os.path.join(
         root, "prompts.jsonl"), remote_rm_url=os.path.join(root, "reward.py"))
     engine = f"{cfg.vllm_num_engines} vLLM engine(s)" if cfg.vllm_num_engines else "the JAX sampler"

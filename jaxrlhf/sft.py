@@ -103,7 +103,7 @@ def prepare_demo(cfg: SFTConfig) -> SFTConfig:
     if cfg.dataset is not None:
         raise ValueError("--dataset given without --pretrain: pass the model to fine-tune with --pretrain")
     from jaxrlhf.data.tokenizer import build_tiny_tokenizer
-    from jaxrlhf.demo import CHARS, save_tiny_llama
+    from jaxrlhf.demo import CHARS, run_paths, save_tiny_llama
 
     root = os.path.abspath(cfg.demo_dir)
     model_dir, data = os.path.join(root, f"base-seed{cfg.seed}"), os.path.join(root, "addition.jsonl")
@@ -119,7 +119,7 @@ def prepare_demo(cfg: SFTConfig) -> SFTConfig:
         os.replace(data + ".tmp", data)
     changes = {**DEMO_FLAGS, "output_key": "output"}
     if cfg.save_path == field_default(cfg, "save_path"):
-        changes.update(save_path=os.path.join(root, "run"), ckpt_path=os.path.join(root, "run", "checkpoints"))
+        changes.update(run_paths(root, load_checkpoint=cfg.load_checkpoint))
     cfg = at_defaults(cfg, changes)
     cfg = dataclasses.replace(cfg, pretrain=model_dir, dataset=data)
     print(f"[demo] SFT on single-digit addition: {data} -> {cfg.save_path}", file=sys.stderr)

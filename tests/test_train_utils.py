@@ -492,3 +492,21 @@ def test_checkpoint_two_processes(tmp_path) -> None:
         assert p.returncode == 0 and f"process {i} OK" in out, out[-3000:]
     assert sorted(p.name for p in root.iterdir() if p.name.isdigit()) == ["2", "3"]
     assert any(p.name.startswith("9.incomplete-") for p in root.iterdir())
+
+
+def test_demo_run_paths_move_a_previous_demo_run_aside(tmp_path):
+    """Running a built-in demo again starts a new run (the previous one moved to run.prev, replacing an older one)
+    instead of refusing its checkpoints; --load_checkpoint keeps it to resume."""
+    import os
+
+    from jaxrlhf.demo import run_paths
+
+    paths = run_paths(str(tmp_path), load_checkpoint=False)
+    assert paths == {"save_path": str(tmp_path / "run"), "ckpt_path": str(tmp_path / "run" / "checkpoints")}
+    for n in (1, 2):
+        os.makedirs(tmp_path / "run" / "checkpoints" / str(n))
+        run_paths(str(tmp_path), load_checkpoint=False)
+        assert not (tmp_path / "run").exists() and os.listdir(tmp_path / "run.prev" / "checkpoints") == [str(n)]
+    os.makedirs(tmp_path / "run" / "checkpoints" / "3")
+    assert run_paths(str(tmp_path), load_checkpoint=True) == paths
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["3"]

@@ -19,9 +19,9 @@ Sampling at step t of row r (``z`` the fp32 logits, ``T`` the temperature):
     greedy (T = 0):  token = argmax z,                  logprob = log softmax(z)[token]
     otherwise:       token ~ softmax(topp(topk(z / T))), logprob = log softmax(z / T)[token]
 
-the draw by inverse CDF from one uniform (``inverse_cdf_sample``) with the PRNG key ``fold_in(fold_in(key(seed), r), t)``, so a sample depends only on (seed, its row index, its
-prompt, the settings), not on the batch it ran in. Logprobs are fp32, of the temperature-scaled distribution
-before top-k/top-p truncation (the ``Engine`` convention).
+the draw by inverse CDF from one uniform (``inverse_cdf_sample``) with the PRNG key ``fold_in(fold_in(key(seed), r),
+t)``, so a sample depends only on (seed, its row index, its prompt, the settings), not on the batch it ran in.
+Logprobs are fp32, of the temperature-scaled distribution before top-k/top-p truncation (the ``Engine`` convention).
 """
 from __future__ import annotations
 
