@@ -161,3 +161,30 @@ def test_bf16_cast_parameters_compute_in_bf16_with_bf16_gemms(tmp_path):
             bf16_dots += comp is not None and all(f"{p}: bf16" in sigs[comp] for p in m.groups())
     linears = sum(isinstance(x, Linear) for _, x in nnx.iter_graph(model))
     assert bf16_dots >= 3 * linears, f"{bf16_dots} bf16 GEMMs for {linears} Linear layers (3 each expected)"
+
+
+def test_attention_bf16_custom_backward_matches_fp32_autodiff():
+    """``_attend_lowp`` (bf16 training attention on the CPU, a hand-written backward) against autodiff of the fp32
+    attention on the same bf16-rounded inputs: values and q/k/v gradients within bf16 rounding (2^-6 of the
+    largest entry), grouped queries (K=2, G=3), a causal mask with left padding (fully masked rows included)."""
+    from jaxrlhf.models.decoder import _attend, _attend_lowp
+
+    rng = np.random.default_rng(1)
+    B, T, K, G, E = 2, 7, 2, 3, 16
+    q, k, v = (_bf16(rng.normal(size=s)) for s in ((B, T, K, G, E), (B, T, K, E), (B, T, K, E)))
+    mask = np.ones((B, T), bool)
+    mask[1, :3] = False
+    allowed = jnp.asarray(np.tril(np.ones((T, T), bool))[None] & mask[:, None, :])
+    g = rng.normal(size=(B, T, K, G, E))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, allowed).astype(jnp.float32) * g)
+
+    want = jax.value_and_grad(lambda *a: loss(lambda *b: _attend(*b)[0], *a), argnums=(0, 1, 2))(
+        *(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
+    got = jax.value_and_grad(lambda *a: loss(_attend_lowp, *a), argnums=(0, 1, 2))(
+        *(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
+    assert all(x.dtype == jnp.bfloat16 for x in got[1])
+    for w, o in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        w, o = np.asarray(w, np.float64), np.asarray(o, np.float64)
+        assert np.abs(w - o).max() <= 2**-6 * max(np.abs(w).max(), 1.0), (np.abs(w - o).max(), np.abs(w).max())
