@@ -13,9 +13,8 @@ tables, attention softmax and the final logits are fp32.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
