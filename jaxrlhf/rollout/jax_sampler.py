@@ -109,21 +109,22 @@ def inverse_cdf_sample(probs_bv: jax.Array, u_b: jax.Array, *, block: int = 256)
     ``u`` in [0, 1) per row: the first ``i`` with ``cumsum(probs)[i] > u * sum(probs)``.
 
     The cumulative sum is two-level (over blocks of ``block`` entries, then inside the chosen block), so each row
-    needs one uniform and a few sums instead of a Gumbel variate and an argmax over the whole vocabulary. An
-    fp32 rounding tie at a block edge that lands on a zero-probability entry falls back to the most likely one.
+    needs one uniform and a few sums instead of a Gumbel variate and an argmax over the whole vocabulary. The target
+    ``u * sum`` is kept below the total, so the chosen block always holds probability mass; an fp32 rounding tie
+    inside it that lands on a zero-probability entry falls back to the block's most likely entry.
     """
     B, V = probs_bv.shape
     nb = -(-V // block)
     p_bnk = jnp.pad(probs_bv, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
     cum_bn = jnp.cumsum(p_bnk.sum(-1), axis=-1)  # mass up to and including each block
-    r_b = u_b * cum_bn[:, -1]
+    r_b = jnp.minimum(u_b * cum_bn[:, -1], jnp.nextafter(cum_bn[:, -1], 0.0))
     j_b = jnp.minimum(jnp.sum(cum_bn <= r_b[:, None], axis=-1), nb - 1)
     before_b = jnp.where(j_b > 0, jnp.take_along_axis(cum_bn, jnp.maximum(j_b - 1, 0)[:, None], -1)[:, 0], 0.0)
     inside_bk = jnp.take_along_axis(p_bnk, j_b[:, None, None], axis=1)[:, 0]
     i_b = jnp.minimum(jnp.sum(jnp.cumsum(inside_bk, -1) <= (r_b - before_b)[:, None], axis=-1), block - 1)
-    idx_b = jnp.minimum(j_b * block + i_b, V - 1).astype(jnp.int32)
-    picked_b = jnp.take_along_axis(probs_bv, idx_b[:, None], axis=-1)[:, 0]
-    return jnp.where(picked_b > 0, idx_b, first_argmax(probs_bv))
+    picked_b = jnp.take_along_axis(inside_bk, i_b[:, None], axis=-1)[:, 0]
+    i_b = jnp.where(picked_b > 0, i_b, first_argmax(inside_bk))
+    return jnp.minimum(j_b * block + i_b, V - 1).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------ the compiled program
