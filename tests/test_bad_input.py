@@ -69,6 +69,7 @@ CASES = [
     ("ppo-zero-micro-rollout", "ppo", "--micro_rollout_batch_size 0", "--micro_rollout_batch_size must be >= 1"),
     ("ppo-negative-rollout", "ppo", "--rollout_batch_size -4 --dry_run", "--rollout_batch_size must be >= 1"),
     ("ppo-zero-samples", "ppo", "--n_samples_per_prompt 0", "--n_samples_per_prompt must be >= 1"),
+    ("ppo-bad-rollout-dtype", "ppo", "--vllm_dtype fp8", "argument --vllm_dtype: invalid choice: 'fp8'"),
     # ---- impossible meshes, indivisible batches
     ("sft-mesh-words", "sft", "--mesh foo", "mesh 'foo' is not understood"),
     ("sft-mesh-zero", "sft", "--mesh 0x2", "mesh '0x2'"),

@@ -21,8 +21,8 @@ class RolloutFlags:
     vllm_tensor_parallel_size: int = arg(1, "GPUs per vLLM engine (reserved on one node by a placement group)")
     vllm_gpu_memory_utilization: float = arg(0.9, "fraction of each engine GPU vLLM may use")
     vllm_kv_cache_mb: int = arg(256, "KV cache per engine in MiB (required on CPU; 0 on GPU: sized by vLLM)")
-    vllm_dtype: str = arg("auto", "rollout dtype of the vLLM engines and of the JAX sampler: bfloat16, float16, "
-                                  "float32 or auto (bfloat16 with --bf16, else float32)")
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = arg(
+        "auto", "rollout dtype of the vLLM engines and of the JAX sampler (auto: bfloat16 with --bf16, else float32)")
     enable_prefix_caching: bool = arg(False, "vLLM prefix caching (reset after every weight sync)")
     enforce_eager: bool = arg(False, "vLLM without CUDA graphs")
     vllm_sync_backend: Literal["ray", "nccl"] = arg("ray", "weight broadcast: ray (object store, any machine) or "
@@ -76,9 +76,6 @@ def load_prompts(flags: PromptFlags, tokenizer, *, apply_chat_template: bool, in
 def check_rollout_flags(flags: RolloutFlags) -> None:
     if flags.vllm_num_engines < 0:
         raise ValueError(f"--vllm_num_engines must be >= 0, got {flags.vllm_num_engines}")
-    dtypes = ("auto", "bfloat16", "float16", "float32")
-    if flags.vllm_dtype not in dtypes:
-        raise ValueError(f"--vllm_dtype must be one of {', '.join(dtypes)}, got {flags.vllm_dtype!r}")
 
 
 def engine_dtype(flags: RolloutFlags, bf16: bool) -> str:
@@ -129,9 +126,9 @@ def make_engine(flags: RolloutFlags, *, model, pretrain: str, tokenizer, mesh, p
 
     eos = (tokenizer.eos_token_id,)
     if not flags.vllm_num_engines:
-        from jaxrlhf.rollout import JaxSampler
-
         import jax.numpy as jnp
+
+        from jaxrlhf.rollout import JaxSampler
 
         return JaxSampler(model, mesh=mesh, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos,
                           max_prompt_len=prompt_max_len, prompt_buckets=prompt_buckets,
