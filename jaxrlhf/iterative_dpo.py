@@ -157,8 +157,8 @@ def main(cfg: IterativeDPOConfig) -> dict:
     from jaxrlhf.rewards import load_rewards
     from jaxrlhf.rollout.setup import load_prompts, make_engine
     from jaxrlhf.train.lora import plain_model, plain_params
-    from jaxrlhf.train.supervised import data_parallel_size, fit, frozen_reference, \
-        load_tokenizer_for, reference_path
+    from jaxrlhf.train.supervised import fit, frozen_reference, load_tokenizer_for, reference_path
+    from sharding import batch_ways
 
     # ---------------------------------------------------------------- data and every check before any compute
     if cfg.prompt_data is None:
@@ -169,7 +169,7 @@ def main(cfg: IterativeDPOConfig) -> dict:
     ref_path = reference_path(cfg.ref_pretrain, cfg.pretrain)
     done = finished_iterations(cfg)
     policy = done[-1]["policy"] if done else cfg.pretrain
-    dp = data_parallel_size(mesh)
+    dp = batch_ways(mesh)
     micro = cfg.micro_train_batch_size * dp
 
     # ---------------------------------------------------------------- reward, reference, policy, engine

@@ -479,7 +479,7 @@ def make_experience_step(cfg, p: Parts, state, batch: Batch, raw, info: dict, ti
     pass with --ref_offload) in the phase ``experience_forward``, the length penalties, the rewards
     (running-normalised with --normalize_reward and no reward model), the advantages."""
     from jaxrlhf.train.experience import forward_in_chunks, make_experience, running_normalize
-    from sharding import batch_ways, placement
+    from sharding import placement
 
     rollout = batch.rollout
     chunk = cfg.micro_rollout_batch_size * p.dp

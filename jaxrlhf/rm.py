@@ -25,7 +25,7 @@ from typing import Literal, Optional
 import numpy as np
 
 from jaxrlhf.cli import arg
-from jaxrlhf.train.supervised import SupervisedConfig, data_parallel_size, fit, load_model, load_tokenizer_for, \
+from jaxrlhf.train.supervised import SupervisedConfig, fit, load_model, load_tokenizer_for, \
     load_train_eval, run_cli, setup_mesh, tokenize_splits
 
 SCORE_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
@@ -127,6 +127,7 @@ def main(cfg: RMConfig) -> dict:
     from jaxrlhf.data.preference import PairedDataset
     from jaxrlhf.models import ModelConfig
     from jaxrlhf.train.steps import make_forward
+    from sharding import batch_ways
 
     # ---------------------------------------------------------------- data (every check before any compute)
     tokenizer = load_tokenizer_for(cfg)
@@ -154,7 +155,7 @@ def main(cfg: RMConfig) -> dict:
     # ---------------------------------------------------------------- model, loss, reward statistics
     model = load_model(cfg, mesh, head="score")
     graphdef = nnx.split(model)[0]
-    dp = data_parallel_size(mesh)
+    dp = batch_ways(mesh)
     stats: dict[str, float] = {}
 
     def normalisation_config(params) -> dict:

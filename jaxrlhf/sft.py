@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from jaxrlhf.cli import arg, at_defaults, field_default
-from jaxrlhf.train.supervised import SupervisedConfig, check_batch_arithmetic, data_parallel_size, fit, load_model, \
+from jaxrlhf.train.supervised import SupervisedConfig, check_batch_arithmetic, fit, load_model, \
     load_tokenizer_for, load_train_eval, run_cli, setup_mesh, tokenize_splits
 
 
@@ -63,6 +63,7 @@ def main(cfg: SFTConfig) -> dict:
     from jaxrlhf.data.packing import PackedDataset
     from jaxrlhf.data.sft import SFTDataset
     from jaxrlhf.models import ModelConfig
+    from sharding import batch_ways
 
     # ---------------------------------------------------------------- data (every check before any compute)
     tokenizer = load_tokenizer_for(cfg)
@@ -84,7 +85,7 @@ def main(cfg: SFTConfig) -> dict:
 
     train, evaluation = tokenize_splits(cfg, train_records, eval_records, tokenized, vocab_size=vocab)
     train, evaluation = packed(train, "train"), packed(evaluation, "eval")
-    check_batch_arithmetic(cfg, data_parallel_size(mesh), len(train), None if evaluation is None else len(evaluation))
+    check_batch_arithmetic(cfg, batch_ways(mesh), len(train), None if evaluation is None else len(evaluation))
 
     # ---------------------------------------------------------------- model and the shared loop
     model = load_model(cfg, mesh, head="lm")

@@ -313,7 +313,7 @@ class Backbone(nnx.Module):
 class Decoder(nnx.Module):
     """Causal LM (``head="lm"``) or scalar-score model (``head="score"``: critic / reward model).
 
-    ``mesh`` (optional) is used only to constrain activations: batch over (data, fsdp).
+    ``mesh`` (optional) is used only to constrain activations: batch over ``sharding.BATCH`` (data, fsdp, expert).
     ``remat`` recomputes each layer's activations in the backward pass (gradient checkpointing).
     ``moe_dispatch`` (MoE models): "ragged" grouped matmuls, or "dense" (every expert on every token; tests).
     """

@@ -157,12 +157,6 @@ def dry_run(cfg: SupervisedConfig) -> dict:
                               double_quant=cfg.bnb_4bit_use_double_quant)
 
 
-def data_parallel_size(mesh) -> int:
-    from sharding import batch_ways
-
-    return batch_ways(mesh)
-
-
 def load_tokenizer_for(cfg: SupervisedConfig):
     """``--pretrain``'s tokenizer (pad := eos when it has none) with ``--tokenizer_chat_template`` applied."""
     from jaxrlhf.data.tokenizer import load_tokenizer
@@ -260,13 +254,14 @@ def frozen_reference(cfg: SupervisedConfig, mesh, path: str, fn: Callable[[Any, 
 
     from jaxrlhf.models import from_pretrained
     from jaxrlhf.train.steps import make_forward
+    from sharding import batch_ways
 
     ref = from_pretrained(path, mesh=mesh, dtype=jnp.bfloat16 if cfg.bf16 else jnp.float32, head="lm")
     graphdef, state = nnx.split(ref)
     params = state.to_pure_dict()
     del ref, state
     return chunked_prepare(make_forward(graphdef, fn, params=params, mesh=mesh), params, keys=keys, names=names,
-                           rows_per_call=cfg.micro_train_batch_size * data_parallel_size(mesh))
+                           rows_per_call=cfg.micro_train_batch_size * batch_ways(mesh))
 
 
 def load_model(cfg: SupervisedConfig, mesh, *, head: str = "lm", path: str | None = None):
@@ -330,11 +325,13 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
 
     from jaxrlhf.data.loader import BatchIterator
     from jaxrlhf.train.checkpoint import Checkpointer
+    from jaxrlhf.train.lora import trainable_with_lora
     from jaxrlhf.train.optim import make_optimizer
     from jaxrlhf.train.run import open_logger, prepare_outputs, stop_if_not_finite, total_steps_of
     from jaxrlhf.train.steps import init_optimizer, make_forward, make_train_step, stack_micro_batches
+    from sharding import batch_ways
 
-    dp = data_parallel_size(mesh)
+    dp = batch_ways(mesh)
     check_batch_arithmetic(cfg, dp, len(train_data), None if eval_data is None else len(eval_data))
     micro = cfg.micro_train_batch_size * dp
     compute_dtype = jnp.bfloat16 if cfg.bf16 else None
@@ -343,8 +340,6 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
     eval_every = batches.batches_per_epoch if cfg.eval_steps == -1 else cfg.eval_steps
 
     model_cfg, lora = model.cfg, model.lora
-    from jaxrlhf.train.lora import trainable_with_lora
-
     trainable = None if lora is None else trainable_with_lora(head)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
@@ -376,8 +371,7 @@ def fit(cfg: SupervisedConfig, *, mesh, model, loss_fn: LossFn, train_data: Batc
             b = train_data.batch(batches.next_batch())
             return position, (prepare(b) if prepare is not None else b)
 
-        metrics: dict = {}
-        eval_metrics: dict = {}
+        metrics, eval_metrics = {}, {}
         pending = next_batch() if start_step < total_steps else None
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
