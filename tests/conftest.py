@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from sharding.mesh import use_host_devices  # noqa: E402
+
+use_host_devices("8")  # the device count set above, and a thread pool its collectives cannot deadlock
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,6 +1,7 @@
 """Mesh parsing and construction, partition-rule coverage, and the errors for meshes that cannot work."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -75,3 +76,55 @@ def test_shard_state_places_shards():
     assert k.sharding.spec == P("tensor", "fsdp")
     assert k.addressable_shards[0].data.shape == (4, 4)  # replicated over `data`
     assert (jnp.asarray(k) == state["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]).all()
+
+
+# 30 rounds of 8 independent sharded matmuls (all-gathers inside), dispatched without waiting: many programs in
+# flight on 8 host devices. XLA aborts a collective whose participants have not all arrived after the terminate
+# timeout (40 s by default; 10 s here so that a deadlock fails fast).
+_MANY_PROGRAMS = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=5 "
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=10")
+from sharding import make_mesh, use_host_devices
+use_host_devices("4x2")
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = make_mesh("4x2")
+spec = NamedSharding(mesh, P("fsdp", "tensor"))
+f = jax.jit(lambda x, w: jnp.tanh(jnp.tanh(x @ w) @ w).sum())
+xs = [jax.device_put(np.full((512, 512), i / 512, np.float32), spec) for i in range(8)]
+w = jax.device_put(np.eye(512, dtype=np.float32), NamedSharding(mesh, P("tensor", "fsdp")))
+outs = [f(x, w) for _ in range(30) for x in xs]
+print("pool", os.environ.get("PJRT_NPROC"), "sum", float(sum(jax.block_until_ready(outs))))
+"""
+
+
+def _run_many_programs(pool: str | None):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC", "NPROC")}
+    if pool is not None:
+        env["PJRT_NPROC"] = pool
+    return subprocess.run([sys.executable, "-c", _MANY_PROGRAMS], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_host_devices_survive_many_programs_in_flight():
+    """use_host_devices sizes XLA:CPU's pool (4 threads a device) so that collectives of programs in flight
+    together cannot hold every thread (sharding.mesh._size_host_thread_pool; the CI run it mends aborted)."""
+    proc = _run_many_programs(pool=None)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, pool, _, total = proc.stdout.split()
+    assert pool == "32"
+    want = 30 * sum(512 * 512 * np.tanh(np.tanh(np.float32(i / 512))) for i in range(8))  # w = I: tanh(tanh(x))
+    assert float(total) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_host_device_pool_of_one_thread_a_device_deadlocks():
+    """The control: XLA's default pool (max(cores, devices) = 8 threads here) deadlocks on the same programs and XLA
+    aborts the process. If this starts passing, a newer XLA has fixed it and _size_host_thread_pool can go."""
+    proc = _run_many_programs(pool="8")
+    assert proc.returncode == -6 and "Termination timeout" in proc.stderr, (proc.returncode, proc.stderr[-2000:])
