@@ -121,7 +121,8 @@ def use_host_devices(spec: MeshSpec | str) -> None:
 
     Sets ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``. XLA reads the flag when jax creates its CPU
     client (the first ``jax.devices()``), so this works after ``import jax`` as long as no device was touched yet.
-    A count already set in XLA_FLAGS is left alone. No-op where a GPU/TPU is present.
+    A count already set in XLA_FLAGS is left alone. Also sizes XLA:CPU's thread pool for that count
+    (``_size_host_thread_pool``, read at the same moment). No-op where a GPU/TPU is present.
     """
     if isinstance(spec, str):
         spec = parse_mesh(spec)
