@@ -332,6 +332,9 @@ def _async_cfg(tmp_path, run, **kw):
                                              is_correction_threshold=(0.5, 2.0)), **kw})
 
 
+# ~60 s. The default tier keeps two engines (test_two_engines_return_n_samples_per_prompt_in_prompt_order) and PPO
+# on the pool (test_async_training_staleness_and_resume).
+@pytest.mark.slow
 def test_ppo_with_two_engines_logs_small_logprob_drift(tmp_path):
     from jaxrlhf.ppo import main
 
